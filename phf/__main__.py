@@ -1,0 +1,3 @@
+from phf.run import main
+
+main()

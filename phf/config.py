@@ -1,0 +1,147 @@
+"""Structured-config schemas: every key and value of a composed run is checked against these.
+
+They are registered in Hydra's ConfigStore as ``phf_schema`` and listed first in
+conf/config.yaml's defaults, so a misspelt key (``train.lr=...``) or a wrong type fails at
+compose time, with Hydra's own error, before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Stage(str, Enum):
+    """What a run does; each stage is one module under phf/stages."""
+
+    pretrain = "pretrain"
+
+
+class Device(str, Enum):
+    auto = "auto"  # cuda when available, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    # builtin (the corpus shipped in phf/assets/datasets/<name>) | a local directory holding
+    # <split>.jsonl[.gz] | a hub dataset id
+    dataset: str = "builtin"
+    train_split: str = "train"
+    test_split: str = "test"
+    # A generated sample whose score exceeds this counts as a hit (num_hits).
+    hit_threshold: float = 0.5
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = MISSING
+    stage: Stage = Stage.pretrain
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # HF hub id or local path of pretrained weights; null = random init from `architecture`.
+    pretrained: str | None = None
+    # builtin (phf/assets/tokenizer) | hub id | local path; null = the pretrained model's own.
+    tokenizer: str | None = None
+    # GPT2Config keyword arguments, used only for random init.
+    architecture: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScorerConfig:
+    name: str = MISSING
+    batch_size: int = 4096
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    device: Device = Device.auto
+    precision: Precision = Precision.auto
+    # Sequences per forward/backward pass on one device; gradient accumulation makes up the rest
+    # of train.batch_size.
+    micro_batch_size: int = 16
+    num_threads: int | None = None  # torch CPU threads; null = torch's default (all cores)
+
+
+@dataclass
+class TrackingConfig:
+    # null = MLflow's own default (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working
+    # directory, which `mlflow ui` opens with no arguments); or an http(s):// server, sqlite:///...
+    uri: str | None = None
+    # null = the task name
+    experiment: str | None = None
+    run_name: str | None = None
+    log_model: bool = True
+    # Seconds to wait for an http(s) tracking server to answer before giving up.
+    connect_timeout_s: float = 5.0
+
+
+@dataclass
+class TrainConfig:
+    block_size: int = 128
+    batch_size: int = 32  # effective batch, in sequences of block_size tokens
+    num_tokens: int = 400_000  # training budget; gives max_steps when that is null
+    max_steps: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "cosine"  # any transformers.get_scheduler name
+    max_grad_norm: float = 1.0
+    eval_steps: int = 50  # evaluate every this many optimizer steps (and at start and end)
+    log_steps: int = 10
+    save_steps: int = 100  # write a checkpoint every this many steps (and at the end)
+    save_total_limit: int = 2  # keep this many newest checkpoints
+    shuffle_buffer: int = 1000  # documents
+
+
+@dataclass
+class GenerationConfig:
+    num_samples: int = 100  # a multiple of 25, for score_max@25
+    batch_size: int = 50
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 0.9
+
+
+@dataclass
+class EvalConfig:
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    # Held-out LM loss is measured on at most this many test-split blocks.
+    max_blocks: int = 64
+    batch_size: int = 32
+    samples_table_rows: int = 100
+
+
+@dataclass
+class PhfConfig:
+    task: TaskConfig = MISSING
+    objective: ObjectiveConfig = MISSING
+    model: ModelConfig = MISSING
+    scorer: ScorerConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+
+
+def register_schemas() -> None:
+    ConfigStore.instance().store(name="phf_schema", node=PhfConfig)

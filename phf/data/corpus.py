@@ -1,0 +1,156 @@
+"""Load a task's documents in the PHF format: ``texts`` (segments) and ``scores`` (one per segment).
+
+``task.dataset`` picks the source, in this order of precedence:
+1. ``builtin``: the corpus shipped in phf/assets/datasets/<task name>/<split>.jsonl.gz;
+2. a local directory holding ``<split>.jsonl``, ``<split>.jsonl.gz`` or ``<split>.parquet``;
+3. otherwise a Hugging Face hub dataset id, streamed (e.g. tomekkorbak/pile-detoxify).
+Rows are validated as they stream; a malformed row stops the run with its file and row number.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BUILTIN_DATASETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "datasets"
+SPLIT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be found or read, or a row that is not in the PHF format."""
+
+
+@dataclass(frozen=True)
+class Document:
+    texts: list[str]
+    scores: list[float]
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+
+def validate_row(row: Any, where: str) -> Document:
+    """Check one row of the PHF format and return it as a Document; ``where`` names the row."""
+    fix = "each row needs 'texts' (list of strings) and 'scores' (list of numbers, same length)"
+    if not isinstance(row, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}; {fix}")
+    missing = [key for key in ("texts", "scores") if key not in row]
+    if missing:
+        raise DatasetError(f"{where}: missing {', '.join(map(repr, missing))}; {fix}")
+    texts, scores = row["texts"], row["scores"]
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise DatasetError(f"{where}: 'texts' must be a list of strings; {fix}")
+    if not isinstance(scores, list) or not all(
+        isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores
+    ):
+        raise DatasetError(f"{where}: 'scores' must be a list of numbers; {fix}")
+    if len(texts) != len(scores):
+        raise DatasetError(
+            f"{where}: {len(texts)} texts but {len(scores)} scores; they must pair up one to one"
+        )
+    if not all(math.isfinite(s) for s in scores):
+        raise DatasetError(f"{where}: 'scores' holds NaN or infinity")
+    return Document(texts=list(texts), scores=[float(s) for s in scores])
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[Any, str]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line_number, line in enumerate(f, start=1):
+                where = f"{path}, row {line_number}"
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line), where
+                except json.JSONDecodeError as error:
+                    raise DatasetError(f"{where}: not valid JSON ({error})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError(f"cannot read {path}: {error}") from error
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[Any, str]]:
+    import pyarrow.parquet as pq
+
+    row_number = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            row_number += 1
+            yield row, f"{path}, row {row_number}"
+
+
+def _local_split_file(directory: Path, split: str) -> Path:
+    for suffix in SPLIT_SUFFIXES:
+        candidate = directory / f"{split}{suffix}"
+        if candidate.is_file():
+            return candidate
+    found = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    raise DatasetError(
+        f"no {split!r} split in {directory}: expected one of "
+        f"{', '.join(split + s for s in SPLIT_SUFFIXES)}; found {found or 'nothing'}"
+    )
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or os.path.exists(source)
+
+
+def resolve_local_dir(task_name: str, source: str) -> Path | None:
+    """The directory a task's dataset lives in, or None for a hub dataset id."""
+    if source == "builtin":
+        directory = BUILTIN_DATASETS_DIR / task_name
+        if not directory.is_dir():
+            available = sorted(p.name for p in BUILTIN_DATASETS_DIR.iterdir() if p.is_dir())
+            raise DatasetError(
+                f"there is no built-in dataset for task {task_name!r} (built-in: {available}); "
+                "set task.dataset to a local directory or a hub dataset id"
+            )
+        return directory
+    if _looks_like_path(source):
+        directory = Path(source).expanduser()
+        if not directory.exists():
+            raise DatasetError(
+                f"dataset path {directory} does not exist; set task.dataset to an existing "
+                "directory, a hub dataset id, or builtin"
+            )
+        if not directory.is_dir():
+            raise DatasetError(
+                f"dataset path {directory} is a file; task.dataset must be a directory holding "
+                f"<split>.jsonl / .jsonl.gz / .parquet files"
+            )
+        return directory
+    return None
+
+
+def iter_documents(task_name: str, source: str, split: str) -> Iterator[Document]:
+    """Stream one split of a task's dataset as validated Documents."""
+    directory = resolve_local_dir(task_name, source)
+    if directory is not None:
+        path = _local_split_file(directory, split)
+        rows = _parquet_rows(path) if path.suffix == ".parquet" else _jsonl_rows(path)
+    else:
+        rows = _hub_rows(source, split)
+    for row, where in rows:
+        yield validate_row(row, where)
+
+
+def _hub_rows(dataset_id: str, split: str) -> Iterator[tuple[Any, str]]:
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(dataset_id, split=split, streaming=True)
+    except Exception as error:  # the hub raises many types; all mean "cannot load it"
+        raise DatasetError(
+            f"task.dataset={dataset_id!r} is not a local path and could not be loaded from the "
+            f"Hugging Face hub ({type(error).__name__}: {error}). Use task.dataset=builtin, a "
+            "local directory, or connect to the hub"
+        ) from error
+    for row_number, row in enumerate(stream, start=1):
+        yield row, f"{dataset_id} ({split}), row {row_number}"

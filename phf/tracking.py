@@ -1,0 +1,150 @@
+"""Everything phf records in MLflow. This is the only module that imports mlflow.
+
+A run's life: ``check_tracking_server`` (before any work), ``Tracker.start`` (params, tags,
+composed config), metrics against ``tokens_seen`` as MLflow's step, sample tables, the final model
+as an artifact, and an end status: FINISHED, FAILED (with the error) or KILLED (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import traceback
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from omegaconf import DictConfig, OmegaConf
+
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+
+
+class TrackingServerUnreachable(RuntimeError):
+    """The configured tracking server does not answer; raised before any training starts."""
+
+
+def check_tracking_server(uri: str | None, timeout_s: float) -> None:
+    """Fail fast when an http(s) tracking server is down (MLflow itself retries for minutes)."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    health = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as error:
+        reason = str(getattr(error, "reason", error))
+    raise TrackingServerUnreachable(
+        f"cannot reach the MLflow tracking server at {uri} ({reason}). Start it, e.g. "
+        "`mlflow server --host 127.0.0.1 --port 5000`, or drop tracking.uri to record runs in "
+        "the local store ./mlflow.db"
+    )
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"train.lr": "0.001", ...}, the shape MLflow params take."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat |= flatten(value, prefix=f"{name}.")
+        else:
+            flat[name] = str(value)[:MAX_PARAM_LENGTH]
+    return flat
+
+
+def git_commit() -> str:
+    """The commit of the phf checkout, with '-dirty' for uncommitted changes; 'unknown' if none."""
+    source_dir = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=source_dir, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=source_dir,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+class Tracker:
+    """One MLflow run of phf."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        tracking = cfg.tracking
+        check_tracking_server(tracking.uri, tracking.connect_timeout_s)
+        if tracking.uri:
+            mlflow.set_tracking_uri(tracking.uri)
+        self.experiment_name = tracking.experiment or cfg.task.name
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+
+    @property
+    def tracking_uri(self) -> str:
+        return mlflow.get_tracking_uri()
+
+    @contextmanager
+    def run(self, run_name: str, tags: Mapping[str, str], extra_artifacts: Mapping[str, str]) -> Iterator[Tracker]:
+        """Open the run, and end it FINISHED, FAILED (error recorded) or KILLED."""
+        experiment = mlflow.set_experiment(self.experiment_name)
+        self.experiment_id = experiment.experiment_id
+        active = mlflow.start_run(run_name=run_name, tags=dict(tags))
+        self.run_id = active.info.run_id
+        try:
+            container = OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
+            mlflow.log_params(flatten(container))
+            mlflow.log_text(OmegaConf.to_yaml(self.cfg, resolve=True), "config.yaml")
+            for artifact_file, text in extra_artifacts.items():
+                mlflow.log_text(text, artifact_file)
+            yield self
+        except KeyboardInterrupt:
+            mlflow.set_tag("phf.error", "KeyboardInterrupt")
+            mlflow.end_run(status="KILLED")
+            raise
+        except BaseException as error:
+            message = f"{type(error).__name__}: {error}"
+            mlflow.set_tag("phf.error", message[:5000])
+            mlflow.log_text(traceback.format_exc(), "error.txt")
+            mlflow.end_run(status="FAILED")
+            raise
+        else:
+            mlflow.end_run(status="FINISHED")
+
+    def log_metrics(self, metrics: Mapping[str, float], tokens_seen: int) -> None:
+        """One batched call: over HTTP each call costs ~50 ms."""
+        mlflow.log_metrics({**metrics, "tokens_seen": float(tokens_seen)}, step=int(tokens_seen))
+
+    def log_table(self, table: Mapping[str, list], artifact_file: str) -> None:
+        mlflow.log_table(data=dict(table), artifact_file=artifact_file)
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
+        mlflow.log_artifacts(str(local_dir), artifact_path)
+
+    def ui_hint(self) -> str:
+        """Where the run is and the command that shows it."""
+        uri = self.tracking_uri
+        if uri.startswith(("http://", "https://")):
+            base = uri.rstrip("/")
+            how = f"open {base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        else:
+            default = uri in ("sqlite:///mlflow.db", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+            command = "mlflow ui" if default else f"mlflow ui --backend-store-uri {uri}"
+            how = (
+                f"run `{command}` in this directory and open "
+                f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+            )
+        return (
+            f"MLflow run {self.run_id} (experiment {self.experiment_name!r}, store {uri}).\n"
+            f"To see it: {how}"
+        )
+
