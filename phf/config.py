@@ -56,7 +56,9 @@ class ObjectiveConfig:
 class ModelConfig:
     name: str = MISSING
     # HF hub id or local path of pretrained weights; null = random init from `architecture`.
-    pretrained: str | None = None
+    # Mandatory (no default) so that model=pretrained without a path fails instead of training
+    # a random model.
+    pretrained: str | None = MISSING
     # builtin (phf/assets/tokenizer) | hub id | local path; null = the pretrained model's own.
     tokenizer: str | None = None
     # GPT2Config keyword arguments, used only for random init.

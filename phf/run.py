@@ -43,10 +43,8 @@ def stage_name(cfg: DictConfig) -> str:
     return getattr(stage, "value", stage)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
-    hydra_cfg = HydraConfig.get()
-    output_dir = Path(hydra_cfg.runtime.output_dir)
+def execute(cfg: DictConfig, output_dir: Path, overrides: list[str]) -> float:
+    """Run one composed config: seed, open the MLflow run, run the stage, close the run."""
     seed_everything(cfg.seed)
     tracker = Tracker(cfg)  # fails here, before any work, if the tracking server is down
     tags = {
@@ -59,9 +57,9 @@ def main(cfg: DictConfig) -> float:
         "output_dir": str(output_dir.resolve()),
     }
     run_name = cfg.tracking.run_name or f"{cfg.objective.name}-{cfg.model.name}-seed{cfg.seed}"
-    overrides = yaml.safe_dump(list(hydra_cfg.overrides.task), default_flow_style=False)
+    overrides_yaml = yaml.safe_dump(list(overrides), default_flow_style=False)
     try:
-        with tracker.run(run_name, tags, {"hydra/overrides.yaml": overrides}):
+        with tracker.run(run_name, tags, {"hydra/overrides.yaml": overrides_yaml}):
             log.info("output directory: %s", output_dir)
             result = STAGES[stage_name(cfg)](cfg, tracker, output_dir)
     finally:
@@ -69,6 +67,11 @@ def main(cfg: DictConfig) -> float:
             print(tracker.ui_hint(), flush=True)
     return result
 
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()
+    return execute(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,114 @@
+"""Composition: every option of every group composes; bad keys and values fail at compose time."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
+
+from phf.config import register_schemas
+from tests.conftest import CONF_DIR
+
+GROUPS = ["task", "objective", "model", "scorer", "hardware", "tracking"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "group,option", [(group, option) for group in GROUPS for option in options(group)]
+)
+def test_every_option_composes(compose_cfg, group: str, option: str) -> None:
+    overrides = [f"{group}={option}"]
+    if (group, option) == ("model", "pretrained"):
+        overrides.append("model.pretrained=some/model")
+    cfg = compose_cfg(overrides)
+    assert cfg[group].name == option if group != "tracking" else "uri" in cfg.tracking
+    assert cfg.objective.stage.value == "pretrain"
+
+
+def test_default_run_is_tiny_mle_on_toxicity(compose_cfg) -> None:
+    cfg = compose_cfg()
+    assert (cfg.task.name, cfg.objective.name, cfg.model.name) == ("toxicity", "mle", "tiny")
+    assert (cfg.scorer.name, cfg.hardware.name, cfg.tracking.uri) == ("profanity", "auto", None)
+    assert cfg.model.architecture.n_positions >= cfg.train.block_size
+
+
+def test_unknown_option_lists_the_valid_choices(compose_cfg) -> None:
+    with pytest.raises(Exception, match=r"(?s)Could not find 'task/nope'.*toxicity"):
+        compose_cfg(["task=nope"])
+
+
+def test_misspelt_key_fails_at_compose_time(compose_cfg) -> None:
+    with pytest.raises(ConfigCompositionException, match="lrr"):
+        compose_cfg(["train.lrr=0.1"])
+
+
+def test_misspelt_key_in_a_group_option_fails(compose_cfg) -> None:
+    with pytest.raises(ConfigCompositionException, match="task.blocksize"):
+        compose_cfg(["task.blocksize=3"])
+
+
+def test_option_file_with_an_unknown_key_fails(tmp_path) -> None:
+    """A typo inside a YAML option (not only on the command line) is caught by the schema."""
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "task" / "typo.yaml").write_text("name: typo\nhit_treshold: 0.5\n")
+    register_schemas()
+    with (
+        initialize_config_dir(config_dir=str(conf), version_base="1.3"),
+        pytest.raises((ConfigCompositionException, ConfigKeyError), match="hit_treshold"),
+    ):
+        compose(config_name="config", overrides=["task=typo"])
+
+
+def test_wrong_type_fails_at_compose_time(compose_cfg) -> None:
+    with pytest.raises((ConfigCompositionException, ValidationError), match="batch_size"):
+        compose_cfg(["train.batch_size=many"])
+
+
+def test_stage_that_does_not_exist_is_refused(compose_cfg) -> None:
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_cfg(["objective.stage=ppo"])
+    # Hydra's message names the override; its cause lists the valid stages.
+    assert "objective.stage=ppo" in str(error.value)
+    assert "pretrain" in str(error.value.__cause__)
+
+
+def test_pretrained_model_requires_a_path(compose_cfg) -> None:
+    cfg = compose_cfg(["model=pretrained"])
+    with pytest.raises(MissingMandatoryValue, match="model.pretrained"):
+        _ = cfg.model.pretrained
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "phf.run", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_help_lists_the_groups() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    for group in GROUPS:
+        assert f"{group}: " in result.stdout
+    assert "tiny" in result.stdout and "toxicity" in result.stdout
+
+
+def test_cli_prints_the_composed_config() -> None:
+    result = run_cli("--cfg", "job", "train.lr=0.002", "model=gpt2")
+    assert result.returncode == 0, result.stderr
+    assert "lr: 0.002" in result.stdout
+    assert "pretrained: gpt2" in result.stdout
+
+
+def test_cli_unknown_key_exits_with_hydras_error() -> None:
+    result = run_cli("--cfg", "job", "train.lrr=0.1")
+    assert result.returncode != 0
+    assert "lrr" in result.stderr

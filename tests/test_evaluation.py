@@ -1,0 +1,83 @@
+"""Evaluation metrics on hand-built inputs, sampling and held-out loss on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from phf.data.packing import Block
+from phf.evaluation import generate_samples, heldout_lm_loss, score_metrics
+from phf.hardware import Placement
+from phf.objectives import MLE, next_token_nll
+from phf.tokenizer import load_tokenizer
+
+CPU = Placement(device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_score_metrics_by_hand() -> None:
+    group_one = [0.1] * 24 + [0.9]  # max 0.9
+    group_two = [0.2] * 25  # max 0.2
+    metrics = score_metrics(group_one + group_two, hit_threshold=0.5)
+    assert metrics["score"] == pytest.approx((24 * 0.1 + 0.9 + 25 * 0.2) / 50)
+    assert metrics["score_max_at_25"] == pytest.approx((0.9 + 0.2) / 2)
+    assert metrics["num_hits"] == 1
+
+
+def test_hits_count_strictly_above_the_threshold() -> None:
+    metrics = score_metrics([0.5] * 24 + [0.51], hit_threshold=0.5)
+    assert metrics["num_hits"] == 1
+
+
+@pytest.mark.parametrize("n", [0, 24, 30])
+def test_score_max_at_25_needs_a_multiple_of_25(n: int) -> None:
+    with pytest.raises(ValueError, match="multiple of 25"):
+        score_metrics([0.0] * n, hit_threshold=0.5)
+
+
+def test_next_token_nll_by_hand() -> None:
+    # Two-token vocabulary, uniform logits: every next-token NLL is log 2.
+    logits = torch.zeros(1, 3, 2)
+    input_ids = torch.tensor([[0, 1, 1]])
+    nll = next_token_nll(logits, input_ids)
+    assert nll.shape == (1, 2)
+    assert torch.allclose(nll, torch.full((1, 2), torch.log(torch.tensor(2.0)).item()))
+    # Logits that put all mass on the right token give ~0 loss, MLE averages per token.
+    sharp = torch.tensor([[[0.0, 20.0], [0.0, 20.0], [0.0, 0.0]]])
+    loss, metrics = MLE().loss(sharp, input_ids, torch.zeros(1, 3))
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert set(metrics) == {"train/lm_loss"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    tokenizer = load_tokenizer("builtin")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=32, n_positions=64)
+    return GPT2LMHeadModel(config).eval(), tokenizer
+
+
+def test_heldout_loss_matches_the_models_own_loss(tiny_model) -> None:
+    model, _ = tiny_model
+    torch.manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (3, 16))
+    blocks = [Block(row.tolist(), [0.0] * 16) for row in ids]
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=ids).loss.item()
+    assert heldout_lm_loss(model, blocks, batch_size=2, placement=CPU) == pytest.approx(expected, rel=1e-5)
+
+
+def test_samples_are_seeded_bounded_and_leave_the_global_rng_alone(tiny_model) -> None:
+    model, tokenizer = tiny_model
+    cfg = OmegaConf.create(
+        {"num_samples": 6, "batch_size": 4, "max_new_tokens": 5, "temperature": 1.0, "top_p": 0.9}
+    )
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = generate_samples(model, tokenizer, cfg, CPU, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    second = generate_samples(model, tokenizer, cfg, CPU, seed=7)
+    assert first.completions == second.completions
+    assert len(first.completions) == 6 and all(0 <= n <= 5 for n in first.lengths)
+    assert any(first.completions)

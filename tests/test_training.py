@@ -1,0 +1,139 @@
+"""End-to-end runs on the real config, shrunk: training, tracking, and every bad-input path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from phf.data.corpus import DatasetError
+from phf.models import build_model, build_tokenizer
+from phf.run import execute, seed_everything
+from phf.stages.pretrain import NonFiniteLossError
+from phf.tracking import Tracker, TrackingServerUnreachable
+from tests.conftest import TINY_RUN
+
+
+def only_run(tracking_uri: str):
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) == 1
+    return runs.iloc[0]
+
+
+@pytest.mark.slow
+def test_cli_two_step_run_trains_and_records_everything(run_dir: Path, tracking_uri: str, compose_cfg) -> None:
+    overrides = [*TINY_RUN, f"tracking.uri={tracking_uri}", f"hydra.run.dir={run_dir / 'out'}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "phf.run", *overrides],
+        cwd=run_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The store is ./mlflow.db of the working directory, so plain `mlflow ui` opens it.
+    assert "To see it: run `mlflow ui` in this directory" in result.stdout
+
+    run = only_run(tracking_uri)
+    assert run.status == "FINISHED"
+    assert run["tags.task"] == "toxicity" and run["tags.objective"] == "mle"
+    assert run["tags.seed"] == "0" and run["tags.git_commit"]
+    assert run["params.train.block_size"] == "32" and run["params.model.name"] == "tiny"
+    client = mlflow.MlflowClient()
+    for metric in ("score", "score_max_at_25", "eval/lm_loss", "train/loss"):
+        assert f"metrics.{metric}" in run
+    history = client.get_metric_history(run.run_id, "eval/lm_loss")
+    assert [m.step for m in history] == [0, 128, 256]  # tokens seen: 2 steps x 4 x 32
+    artifacts = {a.path for a in client.list_artifacts(run.run_id)}
+    assert {"config.yaml", "hydra", "model", "samples"} <= artifacts
+    tables = [a.path for a in client.list_artifacts(run.run_id, "samples")]
+    assert len(tables) == 3
+    table = mlflow.artifacts.load_dict(f"runs:/{run.run_id}/{tables[-1]}")
+    assert table["columns"] == ["prompt", "completion", "score"] and len(table["data"]) == 25
+
+    # The model artifact loads with transformers and generates.
+    local = mlflow.artifacts.download_artifacts(f"runs:/{run.run_id}/model", dst_path=str(run_dir / "dl"))
+    model = AutoModelForCausalLM.from_pretrained(local)
+    tokenizer = AutoTokenizer.from_pretrained(local)
+    out = model.generate(torch.tensor([[tokenizer.eos_token_id]]), max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 6)
+
+    # Training changed the parameters: rebuild the initial model from the same seed and compare.
+    cfg = compose_cfg(TINY_RUN)
+    initial = []
+    for _ in range(2):
+        seed_everything(cfg.seed)
+        initial.append(build_model(cfg.model, build_tokenizer(cfg.model), cfg.train.block_size))
+    init_state, trained_state = initial[0].state_dict(), model.state_dict()
+    assert all(torch.equal(v, initial[1].state_dict()[k]) for k, v in init_state.items())
+    changed = [k for k, v in init_state.items() if not torch.equal(v, trained_state[k])]
+    assert "transformer.h.0.mlp.c_fc.weight" in changed and len(changed) > len(init_state) // 2
+    assert (run_dir / "out" / "checkpoints" / "step_000002" / "training_state.pt").is_file()
+
+
+@pytest.mark.slow
+def test_same_seed_same_numbers(run_dir: Path, compose_cfg) -> None:
+    finals = []
+    for attempt in range(2):
+        uri = f"sqlite:///{run_dir / f'mlflow{attempt}.db'}"
+        cfg = compose_cfg([*TINY_RUN, f"tracking.uri={uri}"])
+        finals.append(execute(cfg, run_dir / f"out{attempt}", []))
+        run = only_run(uri)
+        finals.append((run["metrics.train/loss"], run["metrics.eval/lm_loss"]))
+    assert finals[0] == finals[2] and finals[1] == finals[3]
+
+
+def test_missing_dataset_fails_the_run_with_a_clear_error(run_dir: Path, tracking_uri: str, compose_cfg) -> None:
+    cfg = compose_cfg([*TINY_RUN, f"tracking.uri={tracking_uri}", "task.dataset=./no/such/dir"])
+    with pytest.raises(DatasetError, match="no/such/dir does not exist"):
+        execute(cfg, run_dir / "out", [])
+    run = only_run(tracking_uri)
+    assert run.status == "FAILED"
+    assert "does not exist" in run["tags.phf.error"]
+
+
+def test_malformed_row_fails_the_run_naming_file_and_row(run_dir: Path, tracking_uri: str, compose_cfg) -> None:
+    data = run_dir / "data"
+    data.mkdir()
+    good = '{"texts": ["Some fine text here. "], "scores": [0.0]}\n'
+    (data / "train.jsonl").write_text(good * 50 + '{"texts": ["oops"]}\n')
+    (data / "test.jsonl").write_text(good * 5)
+    cfg = compose_cfg([*TINY_RUN, f"tracking.uri={tracking_uri}", f"task.dataset={data}"])
+    with pytest.raises(DatasetError, match=r"train.jsonl, row 51: missing 'scores'"):
+        execute(cfg, run_dir / "out", [])
+    assert only_run(tracking_uri).status == "FAILED"
+
+
+def test_nan_loss_stops_the_run_and_keeps_checkpoints(run_dir: Path, tracking_uri: str, compose_cfg) -> None:
+    cfg = compose_cfg(
+        [*TINY_RUN, f"tracking.uri={tracking_uri}", "train.lr=1e30", "train.max_steps=3", "train.eval_steps=100"]
+    )
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 2.*lower train.lr"):
+        execute(cfg, run_dir / "out", [])
+    assert (run_dir / "out" / "checkpoints" / "step_000001" / "model.safetensors").is_file()
+    run = only_run(tracking_uri)
+    assert run.status == "FAILED" and "NonFiniteLossError" in run["tags.phf.error"]
+
+
+def test_unreachable_tracking_server_fails_before_training(run_dir: Path, compose_cfg) -> None:
+    cfg = compose_cfg([*TINY_RUN, "tracking.uri=http://127.0.0.1:9", "tracking.connect_timeout_s=2"])
+    start = time.perf_counter()
+    with pytest.raises(TrackingServerUnreachable, match=r"cannot reach the MLflow tracking server at http://127.0.0.1:9"):
+        execute(cfg, run_dir / "out", [])
+    assert time.perf_counter() - start < 10
+    assert not (run_dir / "out").exists()
+
+
+def test_ctrl_c_marks_the_run_killed(run_dir: Path, tracking_uri: str, compose_cfg) -> None:
+    cfg = compose_cfg([*TINY_RUN, f"tracking.uri={tracking_uri}"])
+    tracker = Tracker(cfg)
+    with pytest.raises(KeyboardInterrupt), tracker.run("interrupted", {}, {}):
+        raise KeyboardInterrupt
+    assert only_run(tracking_uri).status == "KILLED"
