@@ -98,16 +98,16 @@ class TrackingConfig:
 @dataclass
 class TrainConfig:
     block_size: int = 128
-    batch_size: int = 32  # effective batch, in sequences of block_size tokens
-    num_tokens: int = 400_000  # training budget; gives max_steps when that is null
+    batch_size: int = 16  # effective batch, in sequences of block_size tokens
+    num_tokens: int = 480_000  # training budget; gives max_steps when that is null
     max_steps: int | None = None
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.1
     adam_betas: tuple[float, float] = (0.9, 0.95)
     warmup_ratio: float = 0.05
     lr_scheduler: str = "cosine"  # any transformers.get_scheduler name
     max_grad_norm: float = 1.0
-    eval_steps: int = 50  # evaluate every this many optimizer steps (and at start and end)
+    eval_steps: int = 60  # evaluate every this many optimizer steps (and at start and end)
     log_steps: int = 10
     save_steps: int = 100  # write a checkpoint every this many steps (and at the end)
     save_total_limit: int = 2  # keep this many newest checkpoints

@@ -9,9 +9,17 @@ nothing here logs or touches the tracker.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+
+
+class Objective(Protocol):
+    def loss(
+        self, logits: torch.Tensor, input_ids: torch.Tensor, token_scores: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
 def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -34,7 +42,7 @@ class MLE:
         return loss, {"train/lm_loss": loss.detach()}
 
 
-def build_objective(cfg: DictConfig) -> MLE:
+def build_objective(cfg: DictConfig) -> Objective:
     objectives = {"mle": MLE}
     if cfg.name not in objectives:
         raise ValueError(f"unknown objective {cfg.name!r}; choose one of {sorted(objectives)}")

@@ -1,9 +1,9 @@
 """phf's one entry point: ``python -m phf.run`` (or ``phf``) composes a run and dispatches it.
 
-    python -m phf.run                                  # tiny GPT-2, MLE, built-in toxicity data
-    python -m phf.run --help                           # the config groups and their options
-    python -m phf.run --cfg job                        # print the composed config, run nothing
-    python -m phf.run train.num_tokens=100000 seed=1   # override any key
+python -m phf.run                                  # tiny GPT-2, MLE, built-in toxicity data
+python -m phf.run --help                           # the config groups and their options
+python -m phf.run --cfg job                        # print the composed config, run nothing
+python -m phf.run train.num_tokens=100000 seed=1   # override any key
 """
 
 from __future__ import annotations
@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 # objective.stage -> the function that runs it. Only stages that exist are listed; the Stage enum
 # in phf/config.py makes Hydra refuse any other value at compose time.
 STAGES = {"pretrain": run_pretrain}
+
+# conf/ sits beside phf/ in a checkout (and an editable install); a wheel carries it as phf/conf.
+# An absolute path, because Hydra resolves a relative one against the calling script, which for
+# the `phf` console script is the virtualenv's bin/.
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
+CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else _PACKAGED_CONF.parent.parent / "conf"
 
 register_schemas()
 
@@ -68,10 +74,11 @@ def execute(cfg: DictConfig, output_dir: Path, overrides: list[str]) -> float:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     return execute(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+
 
 if __name__ == "__main__":
     main()

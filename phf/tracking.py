@@ -94,7 +94,9 @@ class Tracker:
         return mlflow.get_tracking_uri()
 
     @contextmanager
-    def run(self, run_name: str, tags: Mapping[str, str], extra_artifacts: Mapping[str, str]) -> Iterator[Tracker]:
+    def run(
+        self, run_name: str, tags: Mapping[str, str], extra_artifacts: Mapping[str, str]
+    ) -> Iterator[Tracker]:
         """Open the run, and end it FINISHED, FAILED (error recorded) or KILLED."""
         experiment = mlflow.set_experiment(self.experiment_name)
         self.experiment_id = experiment.experiment_id
@@ -147,4 +149,3 @@ class Tracker:
             f"MLflow run {self.run_id} (experiment {self.experiment_name!r}, store {uri}).\n"
             f"To see it: {how}"
         )
-

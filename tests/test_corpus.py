@@ -26,7 +26,9 @@ def test_builtin_toxicity_corpus_is_in_phf_format() -> None:
 
 
 def test_local_directory_jsonl_and_gzip(tmp_path: Path) -> None:
-    write_jsonl(tmp_path / "train.jsonl", [{"texts": ["a. ", "b."], "scores": [0.1, 0.9], "avg_score": 0.5}])
+    write_jsonl(
+        tmp_path / "train.jsonl", [{"texts": ["a. ", "b."], "scores": [0.1, 0.9], "avg_score": 0.5}]
+    )
     with gzip.open(tmp_path / "test.jsonl.gz", "wt") as f:
         f.write(json.dumps({"texts": ["c."], "scores": [0]}) + "\n")
     [train] = iter_documents("toxicity", str(tmp_path), "train")

@@ -65,7 +65,9 @@ def test_heldout_loss_matches_the_models_own_loss(tiny_model) -> None:
     blocks = [Block(row.tolist(), [0.0] * 16) for row in ids]
     with torch.no_grad():
         expected = model(input_ids=ids, labels=ids).loss.item()
-    assert heldout_lm_loss(model, blocks, batch_size=2, placement=CPU) == pytest.approx(expected, rel=1e-5)
+    assert heldout_lm_loss(model, blocks, batch_size=2, placement=CPU) == pytest.approx(
+        expected, rel=1e-5
+    )
 
 
 def test_samples_are_seeded_bounded_and_leave_the_global_rng_alone(tiny_model) -> None:

@@ -30,13 +30,15 @@ def test_segments_concatenate_back_to_the_document() -> None:
 
 
 def test_every_token_takes_the_score_of_its_segment(tokenizer) -> None:
-    doc = Document(texts=["Clean words here. ", "Bad words there. ", "Fine again."], scores=[0.0, 1.0, 0.25])
+    doc = Document(
+        texts=["Clean words here. ", "Bad words there. ", "Fine again."], scores=[0.0, 1.0, 0.25]
+    )
     [(ids, scores)] = tokenize_documents([doc], tokenizer)
     assert ids[-1] == tokenizer.eos_token_id and scores[-1] == 0.25
     # Decode the tokens of each score back: they reproduce each segment (whitespace moves with
     # the token that carries it, so compare stripped text).
     by_score = {}
-    for token_id, score in zip(ids[:-1], scores[:-1]):
+    for token_id, score in zip(ids[:-1], scores[:-1], strict=True):
         by_score.setdefault(float(score), []).append(int(token_id))
     assert tokenizer.decode(by_score[0.0]).strip() == "Clean words here."
     assert tokenizer.decode(by_score[1.0]).strip() == "Bad words there."
@@ -49,11 +51,13 @@ def test_blocks_have_exact_size_and_cover_the_stream_in_order(tokenizer) -> None
         Document(texts=[f"Document number {i} says hello. ", "It ends here."], scores=[i / 10, 0.5])
         for i in range(10)
     ]
-    expected = [pair for doc in tokenize_documents(docs, tokenizer) for pair in zip(*doc)]
+    expected = [
+        pair for doc in tokenize_documents(docs, tokenizer) for pair in zip(*doc, strict=True)
+    ]
     blocks = list(pack_blocks(docs, tokenizer, block_size=16))
     assert blocks and all(len(b.input_ids) == 16 == len(b.token_scores) for b in blocks)
     assert len(blocks) == len(expected) // 16  # the short tail is dropped
-    flat = [(i, s) for b in blocks for i, s in zip(b.input_ids, b.token_scores)]
+    flat = [(i, s) for b in blocks for i, s in zip(b.input_ids, b.token_scores, strict=True)]
     assert [i for i, _ in flat] == [int(i) for i, _ in expected[: len(flat)]]
     assert [s for _, s in flat] == pytest.approx([float(s) for _, s in expected[: len(flat)]])
     # EOS separates documents inside a block.
@@ -80,12 +84,16 @@ def test_training_blocks_repeat_epochs_with_a_new_order(tokenizer) -> None:
     per_epoch = len(list(pack_blocks(docs, tokenizer, 8)))
     taken = list(itertools.islice(stream, 3 * per_epoch))
     assert len(taken) == 3 * per_epoch
-    assert [b.input_ids for b in taken[:per_epoch]] != [b.input_ids for b in taken[per_epoch : 2 * per_epoch]]
+    assert [b.input_ids for b in taken[:per_epoch]] != [
+        b.input_ids for b in taken[per_epoch : 2 * per_epoch]
+    ]
 
 
 def test_too_little_data_for_one_block_is_an_error(tokenizer) -> None:
     docs = [Document(texts=["Hi."], scores=[0.0])]
-    stream = training_blocks(lambda: iter(docs), tokenizer, block_size=512, shuffle_buffer=8, seed=0)
+    stream = training_blocks(
+        lambda: iter(docs), tokenizer, block_size=512, shuffle_buffer=8, seed=0
+    )
     with pytest.raises(ValueError, match="block_size=512"):
         next(stream)
 

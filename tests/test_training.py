@@ -28,7 +28,9 @@ def only_run(tracking_uri: str):
 
 
 @pytest.mark.slow
-def test_cli_two_step_run_trains_and_records_everything(run_dir: Path, tracking_uri: str, compose_cfg) -> None:
+def test_cli_two_step_run_trains_and_records_everything(
+    run_dir: Path, tracking_uri: str, compose_cfg
+) -> None:
     overrides = [*TINY_RUN, f"tracking.uri={tracking_uri}", f"hydra.run.dir={run_dir / 'out'}"]
     result = subprocess.run(
         [sys.executable, "-m", "phf.run", *overrides],
@@ -59,10 +61,14 @@ def test_cli_two_step_run_trains_and_records_everything(run_dir: Path, tracking_
     assert table["columns"] == ["prompt", "completion", "score"] and len(table["data"]) == 25
 
     # The model artifact loads with transformers and generates.
-    local = mlflow.artifacts.download_artifacts(f"runs:/{run.run_id}/model", dst_path=str(run_dir / "dl"))
+    local = mlflow.artifacts.download_artifacts(
+        f"runs:/{run.run_id}/model", dst_path=str(run_dir / "dl")
+    )
     model = AutoModelForCausalLM.from_pretrained(local)
     tokenizer = AutoTokenizer.from_pretrained(local)
-    out = model.generate(torch.tensor([[tokenizer.eos_token_id]]), max_new_tokens=5, do_sample=False)
+    out = model.generate(
+        torch.tensor([[tokenizer.eos_token_id]]), max_new_tokens=5, do_sample=False
+    )
     assert out.shape == (1, 6)
 
     # Training changed the parameters: rebuild the initial model from the same seed and compare.
@@ -90,7 +96,9 @@ def test_same_seed_same_numbers(run_dir: Path, compose_cfg) -> None:
     assert finals[0] == finals[2] and finals[1] == finals[3]
 
 
-def test_missing_dataset_fails_the_run_with_a_clear_error(run_dir: Path, tracking_uri: str, compose_cfg) -> None:
+def test_missing_dataset_fails_the_run_with_a_clear_error(
+    run_dir: Path, tracking_uri: str, compose_cfg
+) -> None:
     cfg = compose_cfg([*TINY_RUN, f"tracking.uri={tracking_uri}", "task.dataset=./no/such/dir"])
     with pytest.raises(DatasetError, match="no/such/dir does not exist"):
         execute(cfg, run_dir / "out", [])
@@ -99,7 +107,9 @@ def test_missing_dataset_fails_the_run_with_a_clear_error(run_dir: Path, trackin
     assert "does not exist" in run["tags.phf.error"]
 
 
-def test_malformed_row_fails_the_run_naming_file_and_row(run_dir: Path, tracking_uri: str, compose_cfg) -> None:
+def test_malformed_row_fails_the_run_naming_file_and_row(
+    run_dir: Path, tracking_uri: str, compose_cfg
+) -> None:
     data = run_dir / "data"
     data.mkdir()
     good = '{"texts": ["Some fine text here. "], "scores": [0.0]}\n'
@@ -111,9 +121,17 @@ def test_malformed_row_fails_the_run_naming_file_and_row(run_dir: Path, tracking
     assert only_run(tracking_uri).status == "FAILED"
 
 
-def test_nan_loss_stops_the_run_and_keeps_checkpoints(run_dir: Path, tracking_uri: str, compose_cfg) -> None:
+def test_nan_loss_stops_the_run_and_keeps_checkpoints(
+    run_dir: Path, tracking_uri: str, compose_cfg
+) -> None:
     cfg = compose_cfg(
-        [*TINY_RUN, f"tracking.uri={tracking_uri}", "train.lr=1e30", "train.max_steps=3", "train.eval_steps=100"]
+        [
+            *TINY_RUN,
+            f"tracking.uri={tracking_uri}",
+            "train.lr=1e30",
+            "train.max_steps=3",
+            "train.eval_steps=100",
+        ]
     )
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 2.*lower train.lr"):
         execute(cfg, run_dir / "out", [])
@@ -123,9 +141,14 @@ def test_nan_loss_stops_the_run_and_keeps_checkpoints(run_dir: Path, tracking_ur
 
 
 def test_unreachable_tracking_server_fails_before_training(run_dir: Path, compose_cfg) -> None:
-    cfg = compose_cfg([*TINY_RUN, "tracking.uri=http://127.0.0.1:9", "tracking.connect_timeout_s=2"])
+    cfg = compose_cfg(
+        [*TINY_RUN, "tracking.uri=http://127.0.0.1:9", "tracking.connect_timeout_s=2"]
+    )
     start = time.perf_counter()
-    with pytest.raises(TrackingServerUnreachable, match=r"cannot reach the MLflow tracking server at http://127.0.0.1:9"):
+    with pytest.raises(
+        TrackingServerUnreachable,
+        match=r"cannot reach the MLflow tracking server at http://127.0.0.1:9",
+    ):
         execute(cfg, run_dir / "out", [])
     assert time.perf_counter() - start < 10
     assert not (run_dir / "out").exists()

@@ -40,7 +40,9 @@ def tokenize_documents(
         return_attention_mask=False,
     )
     out = []
-    for doc, ids, offsets in zip(documents, encoded["input_ids"], encoded["offset_mapping"]):
+    for doc, ids, offsets in zip(
+        documents, encoded["input_ids"], encoded["offset_mapping"], strict=True
+    ):
         segment_ends = np.cumsum([len(t) for t in doc.texts])
         scores = np.asarray(doc.scores, dtype=np.float32)
         # The segment holding a token's last character (end offset - 1).
@@ -114,7 +116,9 @@ def training_blocks(
     while True:
         rng = random.Random(seed * 100_003 + epoch)
         produced = 0
-        for block in pack_blocks(shuffled(open_documents(), shuffle_buffer, rng), tokenizer, block_size):
+        for block in pack_blocks(
+            shuffled(open_documents(), shuffle_buffer, rng), tokenizer, block_size
+        ):
             produced += 1
             yield block
         if produced == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from itertools import islice
 from pathlib import Path
@@ -22,9 +23,9 @@ from phf.checkpoints import save_checkpoint, save_pretrained
 from phf.data.corpus import iter_documents
 from phf.data.packing import batches, pack_blocks, training_blocks
 from phf.evaluation import evaluate
-from phf.hardware import resolve_placement
+from phf.hardware import Placement, resolve_placement
 from phf.models import build_model, build_tokenizer
-from phf.objectives import build_objective
+from phf.objectives import Objective, build_objective
 from phf.scorers import build_scorer
 from phf.tracking import Tracker
 
@@ -52,6 +53,38 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def accumulate_gradients(
+    model: torch.nn.Module,
+    objective: Objective,
+    input_ids: torch.Tensor,
+    token_scores: torch.Tensor,
+    micro_batches: int,
+    placement: Placement,
+    scaler: torch.amp.GradScaler,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward and backward one batch in ``micro_batches`` pieces; returns the batch-mean loss
+    and metrics (detached tensors: no CPU-GPU sync here)."""
+    step_loss = torch.zeros((), device=input_ids.device)
+    step_metrics: dict[str, torch.Tensor] = {}
+    for ids, scores in zip(
+        input_ids.tensor_split(micro_batches),
+        token_scores.tensor_split(micro_batches),
+        strict=True,
+    ):
+        if ids.numel() == 0:
+            continue
+        with placement.autocast():
+            logits = model(input_ids=ids).logits
+        loss, metrics = objective.loss(logits, ids, scores)
+        # Weigh each micro-batch by its share of the batch so the sum is the batch mean.
+        share = ids.size(0) / input_ids.size(0)
+        scaler.scale(loss * share).backward()
+        step_loss += loss.detach() * share
+        for name, value in metrics.items():
+            step_metrics[name] = step_metrics.get(name, 0.0) + value * share
+    return step_loss, step_metrics
+
+
 def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
     train = cfg.train
     placement = resolve_placement(cfg.hardware)
@@ -74,7 +107,9 @@ def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
     )
     train_batches = batches(blocks, train.batch_size)
     test_documents = iter_documents(cfg.task.name, cfg.task.dataset, cfg.task.test_split)
-    heldout = list(islice(pack_blocks(test_documents, tokenizer, train.block_size), cfg.eval.max_blocks))
+    heldout = list(
+        islice(pack_blocks(test_documents, tokenizer, train.block_size), cfg.eval.max_blocks)
+    )
 
     max_steps = step_budget(train)
     micro_batches = math.ceil(train.batch_size / cfg.hardware.micro_batch_size)
@@ -138,27 +173,25 @@ def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
     # Train time only: evaluation and checkpointing are left out of tokens/s.
     window_seconds, window_tokens = 0.0, 0
     window_metrics: dict[str, torch.Tensor] = {}
-    progress = tqdm(range(1, max_steps + 1), desc="train", unit="step", dynamic_ncols=True)
+    # Redraw at most every 30 s when stderr is a log file rather than a terminal.
+    interactive = sys.stderr.isatty()
+    progress = tqdm(
+        range(1, max_steps + 1),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=0.5 if interactive else 30.0,
+    )
     for step in progress:
         step_start = time.perf_counter()
         batch = next(train_batches)
         input_ids = batch["input_ids"].to(placement.device, non_blocking=True)
         token_scores = batch["token_scores"].to(placement.device, non_blocking=True)
-        step_loss = torch.zeros((), device=placement.device)
-        for ids, scores in zip(
-            input_ids.tensor_split(micro_batches), token_scores.tensor_split(micro_batches)
-        ):
-            if ids.numel() == 0:
-                continue
-            with placement.autocast():
-                logits = model(input_ids=ids).logits
-            loss, metrics = objective.loss(logits, ids, scores)
-            # Weigh each micro-batch by its share of the batch so the sum is the batch mean.
-            share = ids.size(0) / input_ids.size(0)
-            scaler.scale(loss * share).backward()
-            step_loss += loss.detach() * share
-            for name, value in metrics.items():
-                window_metrics[name] = window_metrics.get(name, 0.0) + value * share
+        step_loss, metrics = accumulate_gradients(
+            model, objective, input_ids, token_scores, micro_batches, placement, scaler
+        )
+        for name, value in metrics.items():
+            window_metrics[name] = window_metrics.get(name, 0.0) + value
         # One CPU-GPU sync per step: a NaN must stop the run before it reaches the weights.
         if not torch.isfinite(step_loss).item():
             raise NonFiniteLossError(
@@ -186,7 +219,11 @@ def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
                 "train/tokens_per_s": window_tokens / window_seconds,
             }
             tracker.log_metrics(logged, tokens_seen)
-            progress.set_postfix(loss=f"{logged['train/loss']:.3f}", tok_s=f"{logged['train/tokens_per_s']:.0f}")
+            progress.set_postfix(
+                loss=f"{logged['train/loss']:.3f}",
+                tok_s=f"{logged['train/tokens_per_s']:.0f}",
+                refresh=False,  # redraw on tqdm's own schedule (mininterval)
+            )
             window_seconds, window_tokens, window_metrics = 0.0, 0, {}
         if step % train.eval_steps == 0 or step == max_steps:
             run_eval(step)

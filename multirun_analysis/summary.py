@@ -1,0 +1,90 @@
+"""Runs -> one row per configuration, with mean and std over seeds of the chosen metrics.
+
+A configuration is the set of params that differ between the runs, leaving out the seed and
+the params that do not change results (hardware, tracking): runs that differ only in seed are
+repeats of one configuration.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+
+IGNORED_PARAM_PREFIXES = ("params.seed", "params.hardware.", "params.tracking.")
+
+
+class NoRunsFound(LookupError):
+    """Nothing to analyse: no experiment of that name or id, or no finished run in it."""
+
+
+def load_runs(target: str, tracking_uri: str | None = None) -> pd.DataFrame:
+    """The FINISHED runs of an experiment (by name or id) as MLflow's search_runs frame."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    experiment = mlflow.get_experiment_by_name(target)
+    if experiment is None and target.isdigit():
+        experiment = mlflow.get_experiment(target)
+    if experiment is None:
+        names = [e.name for e in mlflow.search_experiments()]
+        raise NoRunsFound(
+            f"no experiment {target!r} in the MLflow store {mlflow.get_tracking_uri()}; "
+            f"experiments there: {names}"
+        )
+    runs = mlflow.search_runs(
+        [experiment.experiment_id], filter_string="attributes.status = 'FINISHED'"
+    )
+    if runs.empty:
+        raise NoRunsFound(f"experiment {target!r} has no FINISHED runs")
+    return runs
+
+
+def configuration_columns(runs: pd.DataFrame) -> list[str]:
+    """The params that vary between runs, seed and hardware/tracking params excluded."""
+    params = [
+        c
+        for c in runs.columns
+        if c.startswith("params.") and not c.startswith(IGNORED_PARAM_PREFIXES)
+    ]
+    return [c for c in params if runs[c].astype(str).nunique(dropna=False) > 1]
+
+
+def summarize(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """One row per configuration: the varying params, n (seeds), and mean/std of each metric."""
+    missing = [m for m in metrics if f"metrics.{m}" not in runs.columns]
+    if missing:
+        available = sorted(c.removeprefix("metrics.") for c in runs if c.startswith("metrics."))
+        raise KeyError(f"metrics {missing} were not logged by these runs; logged: {available}")
+    keys = configuration_columns(runs)
+    frame = runs.copy()
+    if not keys:  # every run is a repeat of one configuration
+        frame["params.configuration"] = "all runs"
+        keys = ["params.configuration"]
+    frame[keys] = frame[keys].astype(str)
+    grouped = frame.groupby(keys, sort=True)
+    table = grouped.size().rename("n").to_frame()
+    for metric in metrics:
+        values = grouped[f"metrics.{metric}"]
+        table[f"{metric} mean"] = values.mean()
+        # std over seeds (ddof=1); a single run has no spread to report.
+        table[f"{metric} std"] = values.std(ddof=1)
+    table = table.reset_index()
+    table.columns = [c.removeprefix("params.") for c in table.columns]
+    return table
+
+
+def to_markdown(table: pd.DataFrame, digits: int = 4) -> str:
+    """A GitHub-flavoured Markdown table, ``mean ± std`` in one cell per metric."""
+    metrics = [c.removesuffix(" mean") for c in table.columns if c.endswith(" mean")]
+    keys = [c for c in table.columns if not c.endswith((" mean", " std"))]
+    header = keys + metrics
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in table.iterrows():
+        cells = [str(row[k]) for k in keys]
+        for metric in metrics:
+            mean, std = row[f"{metric} mean"], row[f"{metric} std"]
+            cell = f"{mean:.{digits}f}"
+            if pd.notna(std):
+                cell += f" ± {std:.{digits}f}"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,57 @@
+"""multirun_analysis on a real MLflow store: grouping by configuration, mean and std over seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from multirun_analysis.__main__ import main
+from multirun_analysis.summary import NoRunsFound, load_runs, summarize
+
+
+@pytest.fixture
+def store(run_dir: Path, tracking_uri: str) -> str:
+    """Four finished runs (two objectives x two seeds) and one failed run."""
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("toxicity")
+    scores = {("mle", 0): 0.2, ("mle", 1): 0.4, ("filtering", 0): 0.1, ("filtering", 1): 0.1}
+    for (objective, seed), score in scores.items():
+        with mlflow.start_run():
+            mlflow.log_params({"objective.name": objective, "seed": seed, "hardware.name": "cpu"})
+            mlflow.log_metrics({"score": score, "eval/lm_loss": 3.0 + seed})
+    with mlflow.start_run():
+        mlflow.log_params({"objective.name": "mle", "seed": 2, "hardware.name": "cpu"})
+        mlflow.log_metric("score", 99.0)
+        mlflow.end_run(status="FAILED")
+    return tracking_uri
+
+
+def test_summary_groups_seeds_of_one_configuration(store: str) -> None:
+    table = summarize(load_runs("toxicity", store), ["score", "eval/lm_loss"])
+    assert list(table["objective.name"]) == ["filtering", "mle"]  # failed run left out
+    mle = table.set_index("objective.name").loc["mle"]
+    assert mle["n"] == 2
+    assert mle["score mean"] == pytest.approx(0.3)
+    assert mle["score std"] == pytest.approx(0.1414213, rel=1e-5)  # sample std of 0.2, 0.4
+    assert mle["eval/lm_loss mean"] == pytest.approx(3.5)
+
+
+def test_cli_writes_markdown_and_csv(store: str, run_dir: Path) -> None:
+    out = run_dir / "analysis"
+    assert main(["toxicity", "--tracking-uri", store, "--metrics", "score", "--out", str(out)]) == 0
+    markdown = (out / "summary.md").read_text().splitlines()
+    assert markdown[0] == "| objective.name | n | score |"
+    assert markdown[2] == "| filtering | 2 | 0.1000 ± 0.0000 |"
+    assert markdown[3] == "| mle | 2 | 0.3000 ± 0.1414 |"
+    csv = pd.read_csv(out / "summary.csv")
+    assert list(csv.columns) == ["objective.name", "n", "score mean", "score std"]
+
+
+def test_unknown_experiment_and_metric_are_clear_errors(store: str, capsys) -> None:
+    with pytest.raises(NoRunsFound, match="no experiment 'nope'.*toxicity"):
+        load_runs("nope", store)
+    assert main(["toxicity", "--tracking-uri", store, "--metrics", "kl"]) == 2
+    assert "metrics ['kl'] were not logged" in capsys.readouterr().err
