@@ -7,12 +7,15 @@ compose time, with Hydra's own error, before any work starts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 
 
 class Stage(str, Enum):
@@ -34,6 +37,25 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+class Segmenter(str, Enum):
+    """How a task's documents are split into the segments that are scored."""
+
+    sentences = "sentences"  # prose
+    lines = "lines"  # code
+
+
+@dataclass
+class ScenarioConfig:
+    """One way of sampling from the model at evaluation time."""
+
+    # none: unconditional, from EOS | function_signatures: one-line `def` signatures found in the
+    # task's test split | a path to a text file with one prompt per line
+    prompts: str = "none"
+    # Score prompt + completion instead of the completion alone: for code, where a function body
+    # without its signature is not valid Python.
+    score_prompt: bool = False
+
+
 @dataclass
 class TaskConfig:
     name: str = MISSING
@@ -42,8 +64,14 @@ class TaskConfig:
     dataset: str = "builtin"
     train_split: str = "train"
     test_split: str = "test"
+    segmenter: Segmenter = Segmenter.sentences
     # A generated sample whose score exceeds this counts as a hit (num_hits).
     hit_threshold: float = 0.5
+    # Evaluation scenarios by name; `unconditional` logs unprefixed metrics (score, ...), any
+    # other scenario logs <name>/score, <name>/score_max_at_25, ...
+    scenarios: dict[str, ScenarioConfig] = field(
+        default_factory=lambda: {"unconditional": ScenarioConfig()}
+    )
 
 
 @dataclass
@@ -116,7 +144,7 @@ class TrainConfig:
 
 @dataclass
 class GenerationConfig:
-    num_samples: int = 100  # a multiple of 25, for score_max@25
+    num_samples: int = 100  # per scenario; a multiple of 25, for score_max@25
     batch_size: int = 50
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -147,3 +175,16 @@ class PhfConfig:
 
 def register_schemas() -> None:
     ConfigStore.instance().store(name="phf_schema", node=PhfConfig)
+
+
+# conf/ sits beside phf/ in a checkout (and an editable install); a wheel carries it as phf/conf.
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
+CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else _PACKAGED_CONF.parent.parent / "conf"
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose conf/config.yaml with overrides exactly as ``python -m phf.run`` does, for tools
+    and scripts that run outside the Hydra app."""
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))

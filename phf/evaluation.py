@@ -51,15 +51,33 @@ def score_metrics(scores: Sequence[float], hit_threshold: float) -> dict[str, fl
     }
 
 
+def left_padded_prompts(
+    prompts: list[str], tokenizer: PreTrainedTokenizerBase, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EOS + prompt tokens for each prompt, left-padded so every row ends at the same position
+    (generation appends on the right); returns input ids and attention mask."""
+    eos = tokenizer.eos_token_id
+    rows = [[eos, *tokenizer.encode(p, add_special_tokens=False)] for p in prompts]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row)
+        attention_mask[i, width - len(row) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
 @torch.no_grad()
 def generate_samples(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
     cfg: DictConfig,
     placement: Placement,
     seed: int,
 ) -> Samples:
-    """Unconditional samples: each starts from EOS, as a new document would, and stops at EOS.
+    """One sample per prompt; an empty prompt is an unconditional sample. Every sample starts
+    from EOS, as a new document would, and stops at EOS or after ``cfg.max_new_tokens``.
 
     The RNG is forked and seeded, so every evaluation of a run draws the same random numbers
     (comparable samples across evaluations) and training's RNG stream is left untouched.
@@ -73,31 +91,29 @@ def generate_samples(
     devices = [placement.device.index or 0] if placement.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        remaining = cfg.num_samples
-        while remaining > 0:
-            batch_size = min(cfg.batch_size, remaining)
-            prompt = torch.full((batch_size, 1), eos, dtype=torch.long, device=placement.device)
+        for first in range(0, len(prompts), cfg.batch_size):
+            batch = prompts[first : first + cfg.batch_size]
+            input_ids, attention_mask = left_padded_prompts(batch, tokenizer, placement.device)
             with placement.autocast():
                 output = model.generate(
-                    input_ids=prompt,
-                    attention_mask=torch.ones_like(prompt),
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
                     do_sample=True,
                     temperature=cfg.temperature,
                     top_p=cfg.top_p,
                     top_k=0,
                     max_new_tokens=cfg.max_new_tokens,
                     eos_token_id=eos,
-                    pad_token_id=eos,
+                    pad_token_id=tokenizer.pad_token_id,
                     use_cache=True,
                 )
-            for row in output[:, 1:].tolist():
+            for row in output[:, input_ids.size(1) :].tolist():
                 generated = row[: row.index(eos)] if eos in row else row
                 lengths.append(len(generated))
                 completions.append(tokenizer.decode(generated, skip_special_tokens=True))
-            remaining -= batch_size
     model.train(was_training)
     return Samples(
-        prompts=[""] * len(completions),
+        prompts=list(prompts),
         completions=completions,
         lengths=lengths,
         seconds=time.perf_counter() - start,
@@ -123,17 +139,23 @@ def heldout_lm_loss(
     return total / count
 
 
-def evaluate(
+def evaluate_scenario(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     scorer: Scorer,
-    heldout_blocks: list[Block],
+    prompts: list[str],
+    score_prompt: bool,
     cfg: DictConfig,
     placement: Placement,
 ) -> tuple[dict[str, float], dict[str, list]]:
-    """All evaluation metrics of the current model, and the samples table."""
-    samples = generate_samples(model, tokenizer, cfg.eval.generation, placement, seed=cfg.seed)
-    scores = scorer.score_texts(samples.completions)
+    """Sample once per prompt, score, and return metrics and the samples table."""
+    samples = generate_samples(model, tokenizer, prompts, cfg.eval.generation, placement, cfg.seed)
+    texts = (
+        [p + c for p, c in zip(samples.prompts, samples.completions, strict=True)]
+        if score_prompt
+        else samples.completions
+    )
+    scores = scorer.score_texts(texts)
     metrics = score_metrics(scores, cfg.task.hit_threshold)
     generated_tokens = sum(samples.lengths)
     metrics |= {
@@ -141,13 +163,44 @@ def evaluate(
         "samples/per_s": len(samples.lengths) / samples.seconds,
         "samples/tokens_per_s": generated_tokens / samples.seconds,
     }
-    if heldout_blocks:
-        loss = heldout_lm_loss(model, heldout_blocks, cfg.eval.batch_size, placement)
-        metrics |= {"eval/lm_loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
     rows = cfg.eval.samples_table_rows
     table = {
         "prompt": samples.prompts[:rows],
         "completion": samples.completions[:rows],
-        "score": [round(s, 4) for s in scores[:rows]],
+        "score": [round(s, 6) for s in scores[:rows]],
     }
     return metrics, table
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    scorer: Scorer,
+    scenario_prompts: dict[str, list[str]],
+    heldout_blocks: list[Block],
+    cfg: DictConfig,
+    placement: Placement,
+) -> tuple[dict[str, float], dict[str, dict[str, list]]]:
+    """All evaluation metrics of the current model, and one samples table per scenario.
+
+    The ``unconditional`` scenario's metrics are unprefixed (``score``); any other scenario's
+    are prefixed with its name (``functions/score``).
+    """
+    metrics: dict[str, float] = {}
+    tables: dict[str, dict[str, list]] = {}
+    for name, prompts in scenario_prompts.items():
+        scenario_metrics, tables[name] = evaluate_scenario(
+            model,
+            tokenizer,
+            scorer,
+            prompts,
+            cfg.task.scenarios[name].score_prompt,
+            cfg,
+            placement,
+        )
+        prefix = "" if name == "unconditional" else f"{name}/"
+        metrics |= {prefix + key: value for key, value in scenario_metrics.items()}
+    if heldout_blocks:
+        loss = heldout_lm_loss(model, heldout_blocks, cfg.eval.batch_size, placement)
+        metrics |= {"eval/lm_loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+    return metrics, tables

@@ -19,7 +19,7 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from phf.config import register_schemas
+from phf.config import CONF_DIR, register_schemas
 from phf.stages.pretrain import run_pretrain
 from phf.tracking import Tracker, git_commit
 
@@ -28,12 +28,6 @@ log = logging.getLogger(__name__)
 # objective.stage -> the function that runs it. Only stages that exist are listed; the Stage enum
 # in phf/config.py makes Hydra refuse any other value at compose time.
 STAGES = {"pretrain": run_pretrain}
-
-# conf/ sits beside phf/ in a checkout (and an editable install); a wheel carries it as phf/conf.
-# An absolute path, because Hydra resolves a relative one against the calling script, which for
-# the `phf` console script is the virtualenv's bin/.
-_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
-CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else _PACKAGED_CONF.parent.parent / "conf"
 
 register_schemas()
 
@@ -74,6 +68,8 @@ def execute(cfg: DictConfig, output_dir: Path, overrides: list[str]) -> float:
     return result
 
 
+# An absolute config path: Hydra resolves a relative one against the calling script, which for
+# the `phf` console script is the virtualenv's bin/.
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()

@@ -13,12 +13,10 @@ import argparse
 import math
 import time
 from itertools import islice
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from phf.config import register_schemas
+from phf.config import compose_config
 from phf.data.corpus import iter_documents
 from phf.data.packing import batches, pack_blocks
 from phf.evaluation import generate_samples
@@ -28,8 +26,6 @@ from phf.objectives import build_objective
 from phf.run import seed_everything
 from phf.scorers import build_scorer
 from phf.stages.pretrain import accumulate_gradients, optimizer_groups
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def synchronize(device: torch.device) -> None:
@@ -44,9 +40,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for phf.run")
     args = parser.parse_args()
 
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=args.overrides)
+    cfg = compose_config(args.overrides)
     seed_everything(cfg.seed)
     placement = resolve_placement(cfg.hardware)
     tokenizer = build_tokenizer(cfg.model)

@@ -9,9 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from phf.config import register_schemas
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from phf.config import CONF_DIR, register_schemas
 
 # A run that finishes in seconds: a 1-layer GPT-2, tiny blocks, two steps, 25 short samples.
 TINY_RUN = [

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from phf.data.packing import Block
-from phf.evaluation import generate_samples, heldout_lm_loss, score_metrics
+from phf.evaluation import generate_samples, heldout_lm_loss, left_padded_prompts, score_metrics
 from phf.hardware import Placement
 from phf.objectives import MLE, next_token_nll
 from phf.tokenizer import load_tokenizer
@@ -77,9 +77,32 @@ def test_samples_are_seeded_bounded_and_leave_the_global_rng_alone(tiny_model) -
     )
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    first = generate_samples(model, tokenizer, cfg, CPU, seed=7)
+    first = generate_samples(model, tokenizer, [""] * 6, cfg, CPU, seed=7)
     assert torch.equal(torch.get_rng_state(), before)
-    second = generate_samples(model, tokenizer, cfg, CPU, seed=7)
+    second = generate_samples(model, tokenizer, [""] * 6, cfg, CPU, seed=7)
     assert first.completions == second.completions
     assert len(first.completions) == 6 and all(0 <= n <= 5 for n in first.lengths)
     assert any(first.completions)
+
+
+def test_left_padded_prompts_generate_as_if_alone(tiny_model) -> None:
+    """A batch of prompts of different lengths, left-padded, continues each prompt exactly as
+    that prompt alone would (near-zero temperature makes sampling greedy)."""
+    model, tokenizer = tiny_model
+    cfg = OmegaConf.create(
+        {"batch_size": 8, "max_new_tokens": 6, "temperature": 1e-4, "top_p": 1.0}
+    )
+    prompts = ["def f(x):\n", "A much longer prompt with many more tokens in it than the other"]
+    together = generate_samples(model, tokenizer, prompts, cfg, CPU, seed=0)
+    alone = [generate_samples(model, tokenizer, [p], cfg, CPU, seed=0) for p in prompts]
+    assert together.prompts == prompts
+    assert together.completions == [a.completions[0] for a in alone]
+
+
+def test_left_padding_layout(tiny_model) -> None:
+    _, tokenizer = tiny_model
+    ids, mask = left_padded_prompts(["", "Hello there"], tokenizer, torch.device("cpu"))
+    hello = tokenizer.encode("Hello there", add_special_tokens=False)
+    assert ids.shape == (2, 1 + len(hello))
+    assert ids[0, -1] == tokenizer.eos_token_id and mask[0].sum() == 1 and mask[0, -1] == 1
+    assert ids[1].tolist() == [tokenizer.eos_token_id, *hello] and mask[1].all()

@@ -22,6 +22,7 @@ from transformers import get_scheduler
 from phf.checkpoints import save_checkpoint, save_pretrained
 from phf.data.corpus import iter_documents
 from phf.data.packing import batches, pack_blocks, training_blocks
+from phf.data.prompts import scenario_prompts
 from phf.evaluation import evaluate
 from phf.hardware import Placement, resolve_placement
 from phf.models import build_model, build_tokenizer
@@ -107,6 +108,10 @@ def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
     )
     train_batches = batches(blocks, train.batch_size)
     test_documents = iter_documents(cfg.task.name, cfg.task.dataset, cfg.task.test_split)
+    prompts = {
+        name: scenario_prompts(scenario, cfg.task, cfg.eval.generation.num_samples)
+        for name, scenario in cfg.task.scenarios.items()
+    }
     heldout = list(
         islice(pack_blocks(test_documents, tokenizer, train.block_size), cfg.eval.max_blocks)
     )
@@ -140,9 +145,11 @@ def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
 
     def run_eval(step: int) -> None:
         nonlocal last_metrics
-        last_metrics, table = evaluate(model, tokenizer, scorer, heldout, cfg, placement)
+        last_metrics, tables = evaluate(model, tokenizer, scorer, prompts, heldout, cfg, placement)
         tracker.log_metrics(last_metrics, tokens_seen)
-        tracker.log_table(table, f"samples/step_{step:06d}.json")
+        for name, table in tables.items():
+            folder = "samples" if name == "unconditional" else f"samples/{name}"
+            tracker.log_table(table, f"{folder}/step_{step:06d}.json")
         log.info(
             "eval step %d: score %.4f, score_max@25 %.4f, eval/lm_loss %.4f",
             step,
