@@ -37,13 +37,6 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
-class Segmenter(str, Enum):
-    """How a task's documents are split into the segments that are scored."""
-
-    sentences = "sentences"  # prose
-    lines = "lines"  # code
-
-
 @dataclass
 class ScenarioConfig:
     """One way of sampling from the model at evaluation time."""
@@ -64,7 +57,6 @@ class TaskConfig:
     dataset: str = "builtin"
     train_split: str = "train"
     test_split: str = "test"
-    segmenter: Segmenter = Segmenter.sentences
     # A generated sample whose score exceeds this counts as a hit (num_hits).
     hit_threshold: float = 0.5
     # Evaluation scenarios by name; `unconditional` logs unprefixed metrics (score, ...), any
@@ -95,8 +87,29 @@ class ModelConfig:
 
 @dataclass
 class ScorerConfig:
+    """Every scorer option has every key; each scorer reads only its own (see phf/scorers.py)."""
+
     name: str = MISSING
-    batch_size: int = 4096
+    batch_size: int = 4096  # texts per call of the underlying scorer
+    # detoxify: original | unbiased | multilingual | original-small | unbiased-small. The paper
+    # scored its training data with 'original' and its samples with 'unbiased'.
+    model_type: str = "unbiased"
+    # detoxify: a local .ckpt in detoxify's format; null = detoxify's own download of model_type
+    # (cached in ~/.cache/torch/hub/checkpoints), which needs the internet the first time.
+    checkpoint: str | None = None
+    # detoxify: a local directory with the model's config.json and tokenizer files, which
+    # detoxify otherwise fetches from the hub; needed offline.
+    huggingface_config_path: str | None = None
+    device: Device = Device.auto  # detoxify: auto = cuda when available, else cpu
+    # pii: scrubadub locales; phone numbers are searched for in each (en_GB finds UK numbers).
+    locales: list[str] = field(default_factory=lambda: ["en_US", "en_GB"])
+    # pep8: E501's limit (PEP 8's 79).
+    max_line_length: int = 79
+    # pep8: code prefixes not counted, e.g. [E226, W5]; [] counts everything.
+    ignore: list[str] = field(default_factory=list)
+    # pep8: longer lines are cut to this many characters before checking (pycodestyle's time
+    # grows with line length); the cut line still counts as too long. Must exceed max_line_length.
+    max_line_chars: int = 1000
 
 
 @dataclass

@@ -33,10 +33,11 @@ class Samples:
 
 
 def score_metrics(scores: Sequence[float], hit_threshold: float) -> dict[str, float]:
-    """``score``, ``score_max_at_25`` and ``num_hits`` of one set of sample scores.
+    """``score``, ``score_max_at_25``, ``num_hits`` and ``num_unscored`` of one set of samples.
 
     score_max_at_25 is the mean, over consecutive groups of 25 samples, of each group's maximum:
-    the expected worst of 25 samples. It needs a multiple of 25 samples.
+    the expected worst of 25 samples. It needs a multiple of 25 samples. A sample the scorer
+    could not score (NaN) is left out of the means and maxima and counted in num_unscored.
     """
     if len(scores) == 0 or len(scores) % GROUP_SIZE:
         raise ValueError(
@@ -44,10 +45,15 @@ def score_metrics(scores: Sequence[float], hit_threshold: float) -> dict[str, fl
             f"{GROUP_SIZE} for score_max@25"
         )
     values = np.asarray(scores, dtype=np.float64)
+    scored = np.isfinite(values)
+    if not scored.any():
+        raise ValueError(f"the scorer could not score any of the {len(values)} samples")
+    groups = np.where(scored, values, -np.inf).reshape(-1, GROUP_SIZE).max(axis=1)
     return {
-        "score": float(values.mean()),
-        "score_max_at_25": float(values.reshape(-1, GROUP_SIZE).max(axis=1).mean()),
-        "num_hits": float((values > hit_threshold).sum()),
+        "score": float(values[scored].mean()),
+        "score_max_at_25": float(groups[np.isfinite(groups)].mean()),
+        "num_hits": float((values[scored] > hit_threshold).sum()),
+        "num_unscored": float((~scored).sum()),
     }
 
 

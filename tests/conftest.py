@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +31,14 @@ TINY_RUN = [
     "eval.max_blocks=4",
     "eval.batch_size=4",
 ]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """huggingface_hub reads its settings once, when first imported, which happens while pytest
+    collects the test modules (before any fixture runs): set them before collection."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="phf-tests-hf-home-")
 
 
 @pytest.fixture(autouse=True)

@@ -25,6 +25,17 @@ def test_score_metrics_by_hand() -> None:
     assert metrics["num_hits"] == 1
 
 
+def test_unscorable_samples_are_left_out_and_counted() -> None:
+    nan = float("nan")
+    group_one = [nan] * 24 + [0.5]  # only one scored sample: its max is 0.5
+    group_two = [nan] * 25  # nothing scored: no max
+    metrics = score_metrics(group_one + group_two, hit_threshold=0.4)
+    assert metrics["score"] == 0.5 and metrics["score_max_at_25"] == 0.5
+    assert metrics["num_hits"] == 1 and metrics["num_unscored"] == 49
+    with pytest.raises(ValueError, match="could not score any"):
+        score_metrics([nan] * 25, hit_threshold=0.5)
+
+
 def test_hits_count_strictly_above_the_threshold() -> None:
     metrics = score_metrics([0.5] * 24 + [0.51], hit_threshold=0.5)
     assert metrics["num_hits"] == 1

@@ -38,6 +38,9 @@ def tokenize_documents(
         add_special_tokens=False,
         return_offsets_mapping=True,
         return_attention_mask=False,
+        # Whole documents may exceed model_max_length; packing cuts them into blocks, so the
+        # tokenizer's "sequence too long" warning would be noise.
+        verbose=False,
     )
     out = []
     for doc, ids, offsets in zip(

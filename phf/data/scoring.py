@@ -224,6 +224,33 @@ def segment(text: str, segmenter: str, max_segment_chars: int) -> tuple[list[str
     return segments, cut
 
 
+def phf_rows(
+    segment_lists: Sequence[list[str]],
+    metadata: Sequence[dict[str, Any]],
+    scorer: Scorer,
+    stats: JobStats,
+) -> list[dict[str, Any]]:
+    """Score already-segmented documents; one PHF row per document, ``metadata`` merged in.
+
+    A document with a segment the scorer could not score (NaN) is dropped and counted.
+    """
+    all_scores = scorer.score_documents(segment_lists)
+    rows = []
+    for segments, scores, meta in zip(segment_lists, all_scores, metadata, strict=True):
+        if not all(math.isfinite(s) for s in scores):
+            stats.note("documents dropped: the scorer failed on a segment", str(meta))
+            continue
+        rows.append(
+            {
+                "texts": list(segments),
+                "scores": [round(float(s), 6) for s in scores],
+                "avg_score": round(statistics.fmean(scores), 6),
+                **meta,
+            }
+        )
+    return rows
+
+
 def score_documents(
     documents: Sequence[SourceDocument],
     scorer: Scorer,
@@ -231,8 +258,8 @@ def score_documents(
     max_segment_chars: int,
     stats: JobStats,
 ) -> list[dict[str, Any]]:
-    """PHF rows for ``documents``: one scorer call for all their segments."""
-    segmented = []
+    """Segment and score ``documents`` into PHF rows carrying their source and row."""
+    segment_lists, metadata = [], []
     for doc in documents:
         if not doc.text.strip():
             stats.note("empty documents", f"{doc.source}, row {doc.row}")
@@ -243,25 +270,9 @@ def score_documents(
                 f"segments longer than {max_segment_chars} characters (cut into pieces)",
                 f"{doc.source}, row {doc.row}",
             )
-        segmented.append((doc, segments))
-    scores = scorer.score_texts([s for _, segments in segmented for s in segments])
-    rows, offset = [], 0
-    for doc, segments in segmented:
-        doc_scores = scores[offset : offset + len(segments)]
-        offset += len(segments)
-        if not all(math.isfinite(s) for s in doc_scores):
-            stats.note("documents dropped: the scorer failed on a segment", f"{doc.source}")
-            continue
-        rows.append(
-            {
-                "texts": segments,
-                "scores": [round(float(s), 6) for s in doc_scores],
-                "avg_score": round(statistics.fmean(doc_scores), 6),
-                "source": doc.source,
-                "row": doc.row,
-            }
-        )
-    return rows
+        segment_lists.append(segments)
+        metadata.append({"source": doc.source, "row": doc.row})
+    return phf_rows(segment_lists, metadata, scorer, stats)
 
 
 # ------------------------------------------------------------------------------- the sharded job
@@ -413,21 +424,49 @@ def score_corpus(
     return report
 
 
-def _is_test(text: str, test_fraction: float) -> bool:
+def is_test_document(text: str, test_fraction: float) -> bool:
+    """A stable split: a hash of the text, so a rebuilt corpus puts each document where it was."""
     digest = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
     return digest / 0xFFFFFFFF < test_fraction
 
 
+def write_splits(
+    rows: list[dict[str, Any]], out_dir: Path, test_fraction: float
+) -> dict[str, list[dict[str, Any]]]:
+    """Write ``rows`` as out_dir/train.jsonl.gz and out_dir/test.jsonl.gz; returns the splits."""
+    splits: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
+    for row in rows:
+        split = "test" if is_test_document("".join(row["texts"]), test_fraction) else "train"
+        splits[split].append(row)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, split_rows in splits.items():
+        write_jsonl_gz(out_dir / f"{split}.jsonl.gz", split_rows)
+    return splits
+
+
+def split_summary(splits: dict[str, list[dict[str, Any]]], threshold: float) -> str:
+    """One line per split: documents, segments, characters, and the share of misaligned ones."""
+    lines = []
+    for split, rows in splits.items():
+        scores = [s for row in rows for s in row["scores"]]
+        chars = sum(len(t) for row in rows for t in row["texts"])
+        segment_share = sum(s > threshold for s in scores) / max(1, len(scores))
+        document_share = sum(max(r["scores"]) > threshold for r in rows) / max(1, len(rows))
+        lines.append(
+            f"{split}: {len(rows)} documents, {len(scores)} segments, {chars / 1e6:.2f}M chars; "
+            f"score > {threshold}: {segment_share:.1%} of segments, {document_share:.1%} of "
+            "documents have one"
+        )
+    return "\n".join(lines)
+
+
 def _merge_splits(shards_dir: Path, out_dir: Path, test_fraction: float) -> None:
-    """All shards -> train.jsonl.gz and test.jsonl.gz, split by a hash of each document."""
+    """All shards, in order -> train.jsonl.gz and test.jsonl.gz."""
     rows = []
     for shard in sorted(shards_dir.glob("shard_*.jsonl.gz")):
         with gzip.open(shard, "rt", encoding="utf-8") as f:
             rows.extend(json.loads(line) for line in f)
-    test = [r for r in rows if _is_test("".join(r["texts"]), test_fraction)]
-    train = [r for r in rows if not _is_test("".join(r["texts"]), test_fraction)]
-    write_jsonl_gz(out_dir / "train.jsonl.gz", train)
-    write_jsonl_gz(out_dir / "test.jsonl.gz", test)
+    write_splits(rows, out_dir, test_fraction)
 
 
 def main(argv: list[str] | None = None) -> int:
