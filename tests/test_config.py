@@ -112,3 +112,18 @@ def test_cli_unknown_key_exits_with_hydras_error() -> None:
     result = run_cli("--cfg", "job", "train.lrr=0.1")
     assert result.returncode != 0
     assert "lrr" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "task,scorer", [("toxicity", "profanity"), ("pii", "pii"), ("pep8", "pep8")]
+)
+def test_each_task_picks_its_scorer_and_the_command_line_wins(compose_cfg, task, scorer) -> None:
+    assert compose_cfg([f"task={task}"]).scorer.name == scorer
+    assert compose_cfg([f"task={task}", "scorer=profanity"]).scorer.name == "profanity"
+    assert compose_cfg(["scorer=profanity", f"task={task}"]).scorer.name == "profanity"
+
+
+def test_pep8_evaluates_function_signatures(compose_cfg) -> None:
+    scenarios = compose_cfg(["task=pep8"]).task.scenarios
+    assert set(scenarios) == {"unconditional", "functions"}
+    assert scenarios.functions.prompts == "function_signatures" and scenarios.functions.score_prompt

@@ -160,3 +160,27 @@ def test_ctrl_c_marks_the_run_killed(run_dir: Path, tracking_uri: str, compose_c
     with pytest.raises(KeyboardInterrupt), tracker.run("interrupted", {}, {}):
         raise KeyboardInterrupt
     assert only_run(tracking_uri).status == "KILLED"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "task,scorer,scenario_metric",
+    [("pii", "pii", None), ("pep8", "pep8", "functions/score")],
+)
+def test_every_task_runs_end_to_end_offline(
+    run_dir: Path, tracking_uri: str, compose_cfg, task: str, scorer: str, scenario_metric
+) -> None:
+    cfg = compose_cfg([*TINY_RUN, f"task={task}", f"tracking.uri={tracking_uri}"])
+    assert cfg.scorer.name == scorer  # the task picks its own default scorer
+    execute(cfg, run_dir / "out", [])
+    run = only_run(tracking_uri)
+    assert run.status == "FINISHED" and run["tags.task"] == task
+    assert run["params.scorer.name"] == scorer
+    for metric in ("score", "score_max_at_25", "eval/lm_loss"):
+        assert run[f"metrics.{metric}"] >= 0
+    if scenario_metric:
+        assert run[f"metrics.{scenario_metric}"] >= 0
+        client = mlflow.MlflowClient()
+        tables = [a.path for a in client.list_artifacts(run.run_id, "samples/functions")]
+        table = mlflow.artifacts.load_dict(f"runs:/{run.run_id}/{tables[-1]}")
+        assert all(prompt.startswith(("def ", "async def ")) for prompt, _, _ in table["data"])
