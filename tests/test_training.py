@@ -67,7 +67,10 @@ def test_cli_two_step_run_trains_and_records_everything(
     model = AutoModelForCausalLM.from_pretrained(local)
     tokenizer = AutoTokenizer.from_pretrained(local)
     out = model.generate(
-        torch.tensor([[tokenizer.eos_token_id]]), max_new_tokens=5, do_sample=False
+        torch.tensor([[tokenizer.eos_token_id]]),
+        max_new_tokens=5,
+        min_new_tokens=5,
+        do_sample=False,
     )
     assert out.shape == (1, 6)
 
