@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +46,16 @@ def save_pretrained(
 def save_checkpoint(
     output_dir: Path,
     step: int,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    cfg: DictConfig,
+    save_model: Callable[[Path], None],
     training_state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write ``checkpoints/step_<step>`` and delete all but the ``keep`` newest checkpoints."""
+    """Write ``checkpoints/step_<step>`` (``save_model(directory)`` writes the weights, tokenizer
+    and config; the training state and RNG states go beside them) and delete all but the
+    ``keep`` newest checkpoints."""
     root = output_dir / "checkpoints"
     directory = root / f"step_{step:06d}"
-    save_pretrained(directory, model, tokenizer, cfg)
+    save_model(directory)
     torch.save({**training_state, "rng": rng_states()}, directory / "training_state.pt")
     for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old)

@@ -42,7 +42,8 @@ class ScenarioConfig:
     """One way of sampling from the model at evaluation time."""
 
     # none: unconditional, from EOS | function_signatures: one-line `def` signatures found in the
-    # task's test split | a path to a text file with one prompt per line
+    # task's test split | misaligned_prefixes: the opening words of the test split's segments
+    # that score above task.hit_threshold | a path to a text file with one prompt per line
     prompts: str = "none"
     # Score prompt + completion instead of the completion alone: for code, where a function body
     # without its signature is not valid Python.
@@ -68,8 +69,23 @@ class TaskConfig:
 
 @dataclass
 class ObjectiveConfig:
+    """Every objective option has every key; each objective reads only its own. The numbers
+    that belong to one task x objective pair live in conf/task_objective/."""
+
     name: str = MISSING
     stage: Stage = Stage.pretrain
+    # filtering: drop documents whose avg_score exceeds it; conditional: segments scoring above
+    # it get <|misaligned|>, the others <|aligned|>; unlikelihood: tokens scoring above it get
+    # the unlikelihood term (null: every token is weighed by its score, a = 1 - s).
+    threshold: float | None = None
+    # conditional: share of segments whose control token is left out (seeded), so that the
+    # model also learns to generate without one.
+    drop_token_fraction: float = 0.0
+    # unlikelihood: weight of the unlikelihood term; awr: weight of the LM term against the
+    # value loss (rwr is awr with alpha = 1).
+    alpha: float = 1.0
+    # awr, rwr: temperature of the exp(advantage / beta) weights.
+    beta: float = 1.0
 
 
 @dataclass
@@ -167,6 +183,11 @@ class GenerationConfig:
 @dataclass
 class EvalConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    # KL(reference || model), estimated on samples drawn once from the reference: a hub id, a
+    # local path, an MLflow model URI (runs:/<run id>/model), or sweep:<objective> for the
+    # model of that objective's finished run in the same multirun and seed; null = no KL.
+    kl_reference: str | None = None
+    kl_samples: int = 100
     # Held-out LM loss is measured on at most this many test-split blocks.
     max_blocks: int = 64
     batch_size: int = 32

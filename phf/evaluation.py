@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from phf.data.packing import Block, batches
 from phf.hardware import Placement
-from phf.objectives import next_token_nll
+from phf.objectives import next_token_logprobs, next_token_nll
 from phf.scorers import Scorer
 
 GROUP_SIZE = 25  # samples per group in score_max@25
@@ -29,6 +29,7 @@ class Samples:
     prompts: list[str]
     completions: list[str]
     lengths: list[int]  # generated tokens before EOS
+    token_ids: list[list[int]]  # generated tokens, the EOS that ended a sample included
     seconds: float
 
 
@@ -57,13 +58,28 @@ def score_metrics(scores: Sequence[float], hit_threshold: float) -> dict[str, fl
     }
 
 
+@dataclass(frozen=True)
+class GenerationControls:
+    """How an objective conditions sampling: conditional training puts ``prefix_ids``
+    (<|aligned|>) after EOS and bans ``suppress_ids`` (every control token) from samples."""
+
+    prefix_ids: tuple[int, ...] = ()
+    suppress_ids: tuple[int, ...] = ()
+
+
+NO_CONTROLS = GenerationControls()
+
+
 def left_padded_prompts(
-    prompts: list[str], tokenizer: PreTrainedTokenizerBase, device: torch.device
+    prompts: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    device: torch.device,
+    prefix_ids: Sequence[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """EOS + prompt tokens for each prompt, left-padded so every row ends at the same position
-    (generation appends on the right); returns input ids and attention mask."""
+    """EOS + ``prefix_ids`` + prompt tokens for each prompt, left-padded so every row ends at the
+    same position (generation appends on the right); returns input ids and attention mask."""
     eos = tokenizer.eos_token_id
-    rows = [[eos, *tokenizer.encode(p, add_special_tokens=False)] for p in prompts]
+    rows = [[eos, *prefix_ids, *tokenizer.encode(p, add_special_tokens=False)] for p in prompts]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -81,9 +97,11 @@ def generate_samples(
     cfg: DictConfig,
     placement: Placement,
     seed: int,
+    controls: GenerationControls = NO_CONTROLS,
 ) -> Samples:
     """One sample per prompt; an empty prompt is an unconditional sample. Every sample starts
     from EOS, as a new document would, and stops at EOS or after ``cfg.max_new_tokens``.
+    Control tokens are never sampled and never appear in the returned text.
 
     The RNG is forked and seeded, so every evaluation of a run draws the same random numbers
     (comparable samples across evaluations) and training's RNG stream is left untouched.
@@ -93,13 +111,16 @@ def generate_samples(
     eos = tokenizer.eos_token_id
     completions: list[str] = []
     lengths: list[int] = []
+    token_ids: list[list[int]] = []
     start = time.perf_counter()
     devices = [placement.device.index or 0] if placement.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for first in range(0, len(prompts), cfg.batch_size):
             batch = prompts[first : first + cfg.batch_size]
-            input_ids, attention_mask = left_padded_prompts(batch, tokenizer, placement.device)
+            input_ids, attention_mask = left_padded_prompts(
+                batch, tokenizer, placement.device, controls.prefix_ids
+            )
             with placement.autocast():
                 output = model.generate(
                     input_ids=input_ids,
@@ -111,26 +132,35 @@ def generate_samples(
                     max_new_tokens=cfg.max_new_tokens,
                     eos_token_id=eos,
                     pad_token_id=tokenizer.pad_token_id,
+                    suppress_tokens=list(controls.suppress_ids) or None,
                     use_cache=True,
                 )
             for row in output[:, input_ids.size(1) :].tolist():
                 generated = row[: row.index(eos)] if eos in row else row
                 lengths.append(len(generated))
+                token_ids.append(row[: len(generated) + 1] if eos in row else row)
                 completions.append(tokenizer.decode(generated, skip_special_tokens=True))
     model.train(was_training)
     return Samples(
         prompts=list(prompts),
         completions=completions,
         lengths=lengths,
+        token_ids=token_ids,
         seconds=time.perf_counter() - start,
     )
 
 
 @torch.no_grad()
 def heldout_lm_loss(
-    model: PreTrainedModel, blocks: list[Block], batch_size: int, placement: Placement
+    model: PreTrainedModel,
+    blocks: list[Block],
+    batch_size: int,
+    placement: Placement,
+    ignored_ids: Sequence[int] = (),
 ) -> float:
-    """Mean next-token cross-entropy over held-out blocks (every block weighs the same)."""
+    """Mean next-token cross-entropy over the tokens of held-out blocks, leaving out targets in
+    ``ignored_ids`` (control tokens: the loss of the text itself is comparable across
+    objectives)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -139,74 +169,203 @@ def heldout_lm_loss(
         with placement.autocast():
             logits = model(input_ids=input_ids).logits
         nll = next_token_nll(logits, input_ids)
-        total += nll.sum().item()
-        count += nll.numel()
+        counted = ~torch.isin(input_ids[:, 1:], torch.tensor(list(ignored_ids), device=nll.device))
+        total += nll[counted].sum().item()
+        count += int(counted.sum().item())
     model.train(was_training)
     return total / count
 
 
-def evaluate_scenario(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    scorer: Scorer,
-    prompts: list[str],
-    score_prompt: bool,
-    cfg: DictConfig,
-    placement: Placement,
-) -> tuple[dict[str, float], dict[str, list]]:
-    """Sample once per prompt, score, and return metrics and the samples table."""
-    samples = generate_samples(model, tokenizer, prompts, cfg.eval.generation, placement, cfg.seed)
-    texts = (
-        [p + c for p, c in zip(samples.prompts, samples.completions, strict=True)]
-        if score_prompt
-        else samples.completions
-    )
-    scores = scorer.score_texts(texts)
-    metrics = score_metrics(scores, cfg.task.hit_threshold)
-    generated_tokens = sum(samples.lengths)
-    metrics |= {
-        "samples/mean_length": generated_tokens / len(samples.lengths),
-        "samples/per_s": len(samples.lengths) / samples.seconds,
-        "samples/tokens_per_s": generated_tokens / samples.seconds,
-    }
-    rows = cfg.eval.samples_table_rows
-    table = {
-        "prompt": samples.prompts[:rows],
-        "completion": samples.completions[:rows],
-        "score": [round(s, 6) for s in scores[:rows]],
-    }
-    return metrics, table
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct-n: unique word n-grams / all word n-grams over the samples (1 = no repetition)."""
+    ngrams = [
+        tuple(words[i : i + n])
+        for words in (text.split() for text in texts)
+        for i in range(len(words) - n + 1)
+    ]
+    return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
 
 
-def evaluate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    scorer: Scorer,
-    scenario_prompts: dict[str, list[str]],
-    heldout_blocks: list[Block],
-    cfg: DictConfig,
-    placement: Placement,
-) -> tuple[dict[str, float], dict[str, dict[str, list]]]:
-    """All evaluation metrics of the current model, and one samples table per scenario.
+@dataclass
+class KLReference:
+    """Samples drawn once from a reference model, with their log-probability under it.
 
-    The ``unconditional`` scenario's metrics are unprefixed (``score``); any other scenario's
-    are prefixed with its name (``functions/score``).
+    KL(reference || model) = E_{x ~ reference}[log p_ref(x) - log p_model(x)], estimated on these
+    samples: pure sampling (temperature 1, no top-p), so that they follow p_ref itself, and
+    log-probabilities summed over the sampled tokens (EOS included when sampled).
     """
-    metrics: dict[str, float] = {}
-    tables: dict[str, dict[str, list]] = {}
-    for name, prompts in scenario_prompts.items():
-        scenario_metrics, tables[name] = evaluate_scenario(
-            model,
-            tokenizer,
-            scorer,
-            prompts,
-            cfg.task.scenarios[name].score_prompt,
-            cfg,
-            placement,
+
+    sequences: list[list[int]]
+    ref_logprobs: torch.Tensor  # [n], nats per sequence
+
+    @classmethod
+    def sample(
+        cls,
+        reference: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        num_samples: int,
+        max_new_tokens: int,
+        batch_size: int,
+        placement: Placement,
+        seed: int,
+    ) -> KLReference:
+        cfg = OmegaConf.create(
+            {
+                "batch_size": batch_size,
+                "max_new_tokens": max_new_tokens,
+                "temperature": 1.0,
+                "top_p": 1.0,
+            }
         )
-        prefix = "" if name == "unconditional" else f"{name}/"
-        metrics |= {prefix + key: value for key, value in scenario_metrics.items()}
-    if heldout_blocks:
-        loss = heldout_lm_loss(model, heldout_blocks, cfg.eval.batch_size, placement)
-        metrics |= {"eval/lm_loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
-    return metrics, tables
+        samples = generate_samples(reference, tokenizer, [""] * num_samples, cfg, placement, seed)
+        logprobs = sequence_logprobs(
+            reference, samples.token_ids, tokenizer.eos_token_id, (), batch_size, placement
+        )
+        return cls(sequences=samples.token_ids, ref_logprobs=logprobs)
+
+    def kl(
+        self,
+        model: PreTrainedModel,
+        eos_id: int,
+        prefix_ids: Sequence[int],
+        batch_size: int,
+        placement: Placement,
+    ) -> float:
+        logprobs = sequence_logprobs(
+            model, self.sequences, eos_id, prefix_ids, batch_size, placement
+        )
+        return float((self.ref_logprobs - logprobs).mean())
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: PreTrainedModel,
+    sequences: list[list[int]],
+    eos_id: int,
+    prefix_ids: Sequence[int],
+    batch_size: int,
+    placement: Placement,
+) -> torch.Tensor:
+    """log p(sequence | EOS + prefix) for each sequence, summed over its tokens, in fp32."""
+    was_training = model.training
+    model.eval()
+    context = [eos_id, *prefix_ids]
+    out = []
+    for first in range(0, len(sequences), batch_size):
+        batch = sequences[first : first + batch_size]
+        width = len(context) + max(len(s) for s in batch)
+        input_ids = torch.full((len(batch), width), eos_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        target_mask = torch.zeros((len(batch), width - 1), dtype=torch.bool)
+        for i, seq in enumerate(batch):
+            row = context + seq
+            input_ids[i, : len(row)] = torch.tensor(row)
+            attention_mask[i, : len(row)] = 1
+            # Position t predicts token t+1: the sequence's tokens are targets len(context)-1..
+            target_mask[i, len(context) - 1 : len(row) - 1] = True
+        input_ids = input_ids.to(placement.device)
+        with placement.autocast():
+            logits = model(
+                input_ids=input_ids, attention_mask=attention_mask.to(placement.device)
+            ).logits
+        logp = next_token_logprobs(logits, input_ids)
+        out.append((logp * target_mask.to(logp.device)).sum(dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+class Evaluator:
+    """Everything a run evaluates, prepared once: prompts per scenario, held-out blocks, the
+    scorer, the generation controls of the objective, and the KL reference."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        scorer: Scorer,
+        scenario_prompts: dict[str, list[str]],
+        heldout_blocks: list[Block],
+        placement: Placement,
+        controls: GenerationControls = NO_CONTROLS,
+        kl_reference: KLReference | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.scorer = scorer
+        self.scenario_prompts = scenario_prompts
+        self.heldout_blocks = heldout_blocks
+        self.placement = placement
+        self.controls = controls
+        self.kl_reference = kl_reference
+
+    def scenario(
+        self, model: PreTrainedModel, prompts: list[str], score_prompt: bool
+    ) -> tuple[dict[str, float], dict[str, list]]:
+        """Sample once per prompt, score, and return metrics and the samples table."""
+        cfg = self.cfg
+        samples = generate_samples(
+            model,
+            self.tokenizer,
+            prompts,
+            cfg.eval.generation,
+            self.placement,
+            cfg.seed,
+            self.controls,
+        )
+        texts = (
+            [p + c for p, c in zip(samples.prompts, samples.completions, strict=True)]
+            if score_prompt
+            else samples.completions
+        )
+        scores = self.scorer.score_texts(texts)
+        metrics = score_metrics(scores, cfg.task.hit_threshold)
+        generated_tokens = sum(samples.lengths)
+        metrics |= {
+            "distinct_1": distinct_n(samples.completions, 1),
+            "distinct_2": distinct_n(samples.completions, 2),
+            "samples/mean_length": generated_tokens / len(samples.lengths),
+            "samples/per_s": len(samples.lengths) / samples.seconds,
+            "samples/tokens_per_s": generated_tokens / samples.seconds,
+        }
+        rows = cfg.eval.samples_table_rows
+        table = {
+            "prompt": samples.prompts[:rows],
+            "completion": samples.completions[:rows],
+            "score": [round(s, 6) for s in scores[:rows]],
+        }
+        return metrics, table
+
+    def evaluate(
+        self, model: PreTrainedModel
+    ) -> tuple[dict[str, float], dict[str, dict[str, list]]]:
+        """All evaluation metrics of the current model, and one samples table per scenario.
+
+        The ``unconditional`` scenario's metrics are unprefixed (``score``); any other
+        scenario's are prefixed with its name (``functions/score``).
+        """
+        cfg = self.cfg
+        metrics: dict[str, float] = {}
+        tables: dict[str, dict[str, list]] = {}
+        for name, prompts in self.scenario_prompts.items():
+            score_prompt = cfg.task.scenarios[name].score_prompt
+            scenario_metrics, tables[name] = self.scenario(model, prompts, score_prompt)
+            prefix = "" if name == "unconditional" else f"{name}/"
+            metrics |= {prefix + key: value for key, value in scenario_metrics.items()}
+        if self.heldout_blocks:
+            loss = heldout_lm_loss(
+                model,
+                self.heldout_blocks,
+                cfg.eval.batch_size,
+                self.placement,
+                self.controls.suppress_ids,
+            )
+            metrics |= {"eval/lm_loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+        if self.kl_reference is not None:
+            metrics["kl"] = self.kl_reference.kl(
+                model,
+                self.tokenizer.eos_token_id,
+                self.controls.prefix_ids,
+                cfg.eval.batch_size,
+                self.placement,
+            )
+        return metrics, tables

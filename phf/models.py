@@ -1,8 +1,14 @@
-"""Build the causal language model a run trains: random init from a GPT-2 config or pretrained."""
+"""The models a run trains: a causal LM (random init from a GPT-2 config, or pretrained weights
+from the hub, a local path or an MLflow run) and, for AWR, a value head on its last hidden state.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -11,37 +17,106 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from phf.tokenizer import load_tokenizer
+from phf.tokenizer import CONTROL_TOKENS, load_tokenizer
+from phf.tracking import download_model, is_mlflow_uri
+
+VALUE_HEAD_FILE = "value_head.pt"
 
 
-def build_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
-    """The model config's tokenizer, or the pretrained model's own when none is named."""
-    name = cfg.tokenizer or cfg.pretrained
-    if name is None:
+def resolve_source(source: str) -> str:
+    """A hub id or local path for ``from_pretrained``: MLflow model URIs are downloaded."""
+    return str(download_model(source)) if is_mlflow_uri(source) else source
+
+
+class ValueHead(nn.Module):
+    """One linear layer from the LM's last hidden state to a scalar per position.
+
+    Zero-initialised: it predicts 0 until trained, which makes RWR (AWR with no value training)
+    exactly AWR with a zero baseline.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden_states).squeeze(-1)
+
+
+def forward(
+    model: PreTrainedModel, value_head: ValueHead | None, input_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits, and values when there is a value head (which reads the last hidden state)."""
+    if value_head is None:
+        return model(input_ids=input_ids).logits, None
+    output = model(input_ids=input_ids, output_hidden_states=True)
+    return output.logits, value_head(output.hidden_states[-1])
+
+
+def _random_gpt2(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    architecture = OmegaConf.to_container(cfg.architecture, resolve=True)
+    dropout = architecture.pop("dropout", 0.0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        **architecture,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def add_control_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give a pretrained model the conditional-training control tokens.
+
+    Tokens the tokenizer lacks are added as special tokens; either way their embeddings (input,
+    and output when untied) are set to the mean of the other tokens' embeddings plus small noise,
+    so that they start as an average token rather than untrained noise.
+    """
+    missing = [t for t in CONTROL_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    ids = tokenizer.convert_tokens_to_ids(list(CONTROL_TOKENS))
+    others = torch.ones(model.get_input_embeddings().num_embeddings, dtype=torch.bool)
+    others[ids] = False
+    with torch.no_grad():
+        for embedding in {model.get_input_embeddings(), model.get_output_embeddings()}:
+            if embedding is None:
+                continue
+            weight = embedding.weight
+            mean, std = weight[others].mean(dim=0), weight[others].std()
+            weight[ids] = mean + 0.01 * std * torch.randn(len(ids), weight.size(1))
+
+
+def load_model_and_tokenizer(
+    cfg: DictConfig, block_size: int, control_tokens: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and tokenizer of the ``model`` config.
+
+    ``cfg.pretrained``: a hub id, a local path or an MLflow model URI (runs:/<id>/model), or
+    null for a random GPT-2 from ``cfg.architecture``. ``cfg.tokenizer``: ``builtin``, a hub id
+    or path, or null for the pretrained model's own. ``control_tokens`` prepares a pretrained
+    model for conditional training (see add_control_tokens).
+    """
+    source = resolve_source(cfg.pretrained) if cfg.pretrained else None
+    tokenizer_name = cfg.tokenizer or source
+    if tokenizer_name is None:
         raise ValueError("model.tokenizer is null and there is no model.pretrained to take it from")
-    return load_tokenizer(name)
-
-
-def build_model(
-    cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, block_size: int
-) -> PreTrainedModel:
-    if cfg.pretrained:
-        model = AutoModelForCausalLM.from_pretrained(cfg.pretrained)
+    tokenizer = load_tokenizer(resolve_source(tokenizer_name))
+    if source is None:
+        model = _random_gpt2(cfg, tokenizer)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
-    else:
-        architecture = OmegaConf.to_container(cfg.architecture, resolve=True)
-        dropout = architecture.pop("dropout", 0.0)
-        config = GPT2Config(
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            resid_pdrop=dropout,
-            embd_pdrop=dropout,
-            attn_pdrop=dropout,
-            **architecture,
-        )
-        model = GPT2LMHeadModel(config)
+        if control_tokens:
+            add_control_tokens(model, tokenizer)
     max_positions = getattr(model.config, "n_positions", None) or getattr(
         model.config, "max_position_embeddings", None
     )
@@ -50,4 +125,8 @@ def build_model(
             f"train.block_size={block_size} exceeds the model's {max_positions} positions; "
             f"lower train.block_size or raise model.architecture.n_positions"
         )
-    return model
+    return model, tokenizer
+
+
+def save_value_head(value_head: ValueHead, directory: Path) -> None:
+    torch.save(value_head.state_dict(), directory / VALUE_HEAD_FILE)

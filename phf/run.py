@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from phf.config import CONF_DIR, register_schemas
@@ -43,8 +44,12 @@ def stage_name(cfg: DictConfig) -> str:
     return getattr(stage, "value", stage)
 
 
-def execute(cfg: DictConfig, output_dir: Path, overrides: list[str]) -> float:
-    """Run one composed config: seed, open the MLflow run, run the stage, close the run."""
+def execute(
+    cfg: DictConfig, output_dir: Path, overrides: list[str], sweep_dir: str | None = None
+) -> float:
+    """Run one composed config: seed, open the MLflow run, run the stage, close the run.
+
+    ``sweep_dir`` is the Hydra sweep directory when the run is one job of a multirun."""
     seed_everything(cfg.seed)
     tracker = Tracker(cfg)  # fails here, before any work, if the tracking server is down
     tags = {
@@ -56,6 +61,8 @@ def execute(cfg: DictConfig, output_dir: Path, overrides: list[str]) -> float:
         "git_commit": git_commit(),
         "output_dir": str(output_dir.resolve()),
     }
+    if sweep_dir is not None:
+        tags["sweep_dir"] = sweep_dir
     run_name = cfg.tracking.run_name or f"{cfg.objective.name}-{cfg.model.name}-seed{cfg.seed}"
     overrides_yaml = yaml.safe_dump(list(overrides), default_flow_style=False)
     try:
@@ -73,7 +80,12 @@ def execute(cfg: DictConfig, output_dir: Path, overrides: list[str]) -> float:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
-    return execute(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+    sweep_dir = (
+        str(Path(hydra_cfg.sweep.dir).resolve()) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    )
+    return execute(
+        cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), sweep_dir
+    )
 
 
 if __name__ == "__main__":

@@ -88,6 +88,18 @@ class Tracker:
         self.experiment_name = tracking.experiment or cfg.task.name
         self.run_id: str | None = None
         self.experiment_id: str | None = None
+        self.tags: dict[str, str] = {}
+
+    @property
+    def sweep_dir(self) -> str | None:
+        """The multirun this run belongs to (its Hydra sweep directory), or None."""
+        return self.tags.get("sweep_dir")
+
+    def find_sweep_run(self, objective: str, seed: int) -> str | None:
+        """The FINISHED run of ``objective`` and ``seed`` in this run's multirun, if any."""
+        if self.sweep_dir is None:
+            return None
+        return find_sweep_run(self.experiment_name, self.sweep_dir, objective, seed)
 
     @property
     def tracking_uri(self) -> str:
@@ -100,7 +112,8 @@ class Tracker:
         """Open the run, and end it FINISHED, FAILED (error recorded) or KILLED."""
         experiment = mlflow.set_experiment(self.experiment_name)
         self.experiment_id = experiment.experiment_id
-        active = mlflow.start_run(run_name=run_name, tags=dict(tags))
+        self.tags = dict(tags)
+        active = mlflow.start_run(run_name=run_name, tags=self.tags)
         self.run_id = active.info.run_id
         try:
             container = OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
@@ -149,3 +162,39 @@ class Tracker:
             f"MLflow run {self.run_id} (experiment {self.experiment_name!r}, store {uri}).\n"
             f"To see it: {how}"
         )
+
+
+MLFLOW_URI_PREFIXES = ("runs:/", "models:/")
+
+
+def is_mlflow_uri(source: str) -> bool:
+    return source.startswith(MLFLOW_URI_PREFIXES)
+
+
+def download_model(uri: str) -> Path:
+    """A local copy of a model logged to MLflow (``runs:/<run id>/model``), for from_pretrained.
+
+    Uses the current tracking URI (set ``tracking.uri`` to read from a server).
+    """
+    try:
+        return Path(mlflow.artifacts.download_artifacts(uri))
+    except mlflow.exceptions.MlflowException as error:
+        raise FileNotFoundError(
+            f"cannot fetch {uri} from the MLflow store {mlflow.get_tracking_uri()}: "
+            f"{error.message}. Check the run id (the MLflow UI or mlflow.search_runs lists "
+            "them) and tracking.uri"
+        ) from error
+
+
+def find_sweep_run(experiment: str, sweep_dir: str, objective: str, seed: int) -> str | None:
+    """The id of the FINISHED run of ``objective`` and ``seed`` in the multirun ``sweep_dir``."""
+    found = mlflow.search_runs(
+        experiment_names=[experiment],
+        filter_string=(
+            f"tags.sweep_dir = '{sweep_dir}' and tags.objective = '{objective}' "
+            f"and tags.seed = '{seed}' and attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.end_time DESC"],
+        max_results=1,
+    )
+    return None if found.empty else str(found.run_id.iloc[0])

@@ -12,7 +12,6 @@ composes it, overrides included):
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sysconfig
 import tempfile
@@ -24,15 +23,13 @@ import torch
 
 from phf.config import compose_config
 from phf.data.corpus import iter_documents
-from phf.data.packing import batches, pack_blocks
 from phf.data.scoring import list_source_files, score_corpus
 from phf.evaluation import generate_samples
 from phf.hardware import resolve_placement
-from phf.models import build_model, build_tokenizer
-from phf.objectives import build_objective
+from phf.models import load_model_and_tokenizer
 from phf.run import seed_everything
 from phf.scorers import build_scorer
-from phf.stages.pretrain import accumulate_gradients, optimizer_groups
+from phf.stages.pretrain import Training
 
 SECTIONS = ["train", "generation", "scorers", "pipeline"]
 
@@ -50,6 +47,13 @@ def main() -> None:
         "--only", nargs="+", choices=SECTIONS, default=SECTIONS, help="sections to run"
     )
     parser.add_argument("--pipeline-files", type=int, default=1000)
+    parser.add_argument(
+        "--objectives",
+        nargs="+",
+        choices=OBJECTIVES,
+        default=OBJECTIVES,
+        help="objectives whose training step is timed (mle first: the others are compared to it)",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for phf.run")
     args = parser.parse_args()
     if "train" in args.only or "generation" in args.only:
@@ -60,68 +64,45 @@ def main() -> None:
         benchmark_pipeline(args.pipeline_files)
 
 
-def benchmark_model(args: argparse.Namespace) -> None:
+OBJECTIVES = ["mle", "filtering", "conditional", "unlikelihood", "awr", "rwr"]
 
+
+def benchmark_model(args: argparse.Namespace) -> None:
     cfg = compose_config(args.overrides)
-    seed_everything(cfg.seed)
     placement = resolve_placement(cfg.hardware)
-    tokenizer = build_tokenizer(cfg.model)
-    model = build_model(cfg.model, tokenizer, cfg.train.block_size).to(placement.device)
-    objective = build_objective(cfg.objective)
-    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
-    scaler = placement.grad_scaler()
-    micro_batches = math.ceil(cfg.train.batch_size / cfg.hardware.micro_batch_size)
-    documents = iter_documents(cfg.task.name, cfg.task.dataset, cfg.task.train_split)
-    blocks = pack_blocks(documents, tokenizer, cfg.train.block_size)
-    train_batches = list(islice(batches(blocks, cfg.train.batch_size), args.warmup + args.steps))
     print(
         f"device {placement.device} ({placement.precision}), {torch.get_num_threads()} threads, "
-        f"model {cfg.model.name} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-        f"objective {cfg.objective.name}"
+        f"model {cfg.model.name}, task {cfg.task.name}"
     )
-
     if "train" in args.only:
-        benchmark_training(
-            cfg,
-            model,
-            objective,
-            optimizer,
-            scaler,
-            micro_batches,
-            placement,
-            train_batches,
-            args.warmup,
-        )
+        rates = {}
+        for objective in args.objectives:
+            rates[objective] = benchmark_training(
+                [*args.overrides, f"objective={objective}"], args.warmup, args.steps
+            )
+            ratio = f" ({rates[objective] / rates['mle']:.2f}x mle)" if "mle" in rates else ""
+            print(f"training {objective:>12}: {rates[objective]:,.0f} tokens/s{ratio}")
     if "generation" in args.only:
-        benchmark_generation(cfg, model, tokenizer, placement)
+        seed_everything(cfg.seed)
+        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.block_size)
+        benchmark_generation(cfg, model.to(placement.device), tokenizer, placement)
 
 
-def benchmark_training(
-    cfg, model, objective, optimizer, scaler, micro_batches, placement, train_batches, warmup: int
-) -> None:
-    model.train()
-    for index, batch in enumerate(train_batches):
-        if index == warmup:
-            synchronize(placement.device)
-            start = time.perf_counter()
-        input_ids = batch["input_ids"].to(placement.device)
-        token_scores = batch["token_scores"].to(placement.device)
-        accumulate_gradients(
-            model, objective, input_ids, token_scores, micro_batches, placement, scaler
-        )
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+def benchmark_training(overrides: list[str], warmup: int, steps: int) -> float:
+    """Tokens/s of the stage's own training step for one objective, data pipeline included."""
+    cfg = compose_config(overrides)
+    seed_everything(cfg.seed)
+    placement = resolve_placement(cfg.hardware)
+    training = Training.build(cfg, placement)
+    training.train()
+    for _ in range(warmup):
+        training.step()
     synchronize(placement.device)
-    train_seconds = time.perf_counter() - start
-    train_tokens = (len(train_batches) - warmup) * cfg.train.batch_size * cfg.train.block_size
-    print(
-        f"training:   {train_tokens / train_seconds:,.0f} tokens/s "
-        f"(batch {cfg.train.batch_size} x {cfg.train.block_size}, "
-        f"micro-batch {cfg.hardware.micro_batch_size})"
-    )
+    start, tokens_before = time.perf_counter(), training.tokens_seen
+    for _ in range(steps):
+        training.step()
+    synchronize(placement.device)
+    return (training.tokens_seen - tokens_before) / (time.perf_counter() - start)
 
 
 def benchmark_generation(cfg, model, tokenizer, placement) -> None:

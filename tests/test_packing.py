@@ -33,7 +33,9 @@ def test_every_token_takes_the_score_of_its_segment(tokenizer) -> None:
     doc = Document(
         texts=["Clean words here. ", "Bad words there. ", "Fine again."], scores=[0.0, 1.0, 0.25]
     )
-    [(ids, scores)] = tokenize_documents([doc], tokenizer)
+    [tokenized] = tokenize_documents([doc], tokenizer)
+    ids, scores = tokenized.ids, tokenized.scores
+    assert tokenized.segments.tolist()[-1] == 2 and tokenized.segments[0] == 0
     assert ids[-1] == tokenizer.eos_token_id and scores[-1] == 0.25
     # Decode the tokens of each score back: they reproduce each segment (whitespace moves with
     # the token that carries it, so compare stripped text).
@@ -52,7 +54,9 @@ def test_blocks_have_exact_size_and_cover_the_stream_in_order(tokenizer) -> None
         for i in range(10)
     ]
     expected = [
-        pair for doc in tokenize_documents(docs, tokenizer) for pair in zip(*doc, strict=True)
+        pair
+        for doc in tokenize_documents(docs, tokenizer)
+        for pair in zip(doc.ids, doc.scores, strict=True)
     ]
     blocks = list(pack_blocks(docs, tokenizer, block_size=16))
     assert blocks and all(len(b.input_ids) == 16 == len(b.token_scores) for b in blocks)

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from phf.data.corpus import DatasetError
-from phf.models import build_model, build_tokenizer
+from phf.models import load_model_and_tokenizer
 from phf.run import execute, seed_everything
 from phf.stages.pretrain import NonFiniteLossError
 from phf.tracking import Tracker, TrackingServerUnreachable
@@ -79,7 +79,7 @@ def test_cli_two_step_run_trains_and_records_everything(
     initial = []
     for _ in range(2):
         seed_everything(cfg.seed)
-        initial.append(build_model(cfg.model, build_tokenizer(cfg.model), cfg.train.block_size))
+        initial.append(load_model_and_tokenizer(cfg.model, cfg.train.block_size)[0])
     init_state, trained_state = initial[0].state_dict(), model.state_dict()
     assert all(torch.equal(v, initial[1].state_dict()[k]) for k, v in init_state.items())
     changed = [k for k, v in init_state.items() if not torch.equal(v, trained_state[k])]
@@ -117,7 +117,8 @@ def test_malformed_row_fails_the_run_naming_file_and_row(
     data.mkdir()
     good = '{"texts": ["Some fine text here. "], "scores": [0.0]}\n'
     (data / "train.jsonl").write_text(good * 50 + '{"texts": ["oops"]}\n')
-    (data / "test.jsonl").write_text(good * 5)
+    bad = '{"texts": ["Some rude text right here. "], "scores": [0.9]}\n'
+    (data / "test.jsonl").write_text((good + bad) * 5)  # the challenging scenario needs bad ones
     cfg = compose_cfg([*TINY_RUN, f"tracking.uri={tracking_uri}", f"task.dataset={data}"])
     with pytest.raises(DatasetError, match=r"train.jsonl, row 51: missing 'scores'"):
         execute(cfg, run_dir / "out", [])

@@ -30,10 +30,18 @@ class DatasetError(ValueError):
 class Document:
     texts: list[str]
     scores: list[float]
+    # The row's own avg_score when it has one (the paper's datasets do), else the mean of scores.
+    given_avg_score: float | None = None
 
     @property
     def text(self) -> str:
         return "".join(self.texts)
+
+    @property
+    def avg_score(self) -> float:
+        if self.given_avg_score is not None:
+            return self.given_avg_score
+        return sum(self.scores) / len(self.scores) if self.scores else 0.0
 
 
 def validate_row(row: Any, where: str) -> Document:
@@ -57,7 +65,14 @@ def validate_row(row: Any, where: str) -> Document:
         )
     if not all(math.isfinite(s) for s in scores):
         raise DatasetError(f"{where}: 'scores' holds NaN or infinity")
-    return Document(texts=list(texts), scores=[float(s) for s in scores])
+    avg = row.get("avg_score")
+    if avg is not None and (isinstance(avg, bool) or not isinstance(avg, (int, float))):
+        raise DatasetError(f"{where}: 'avg_score' must be a number, got {avg!r}")
+    return Document(
+        texts=list(texts),
+        scores=[float(s) for s in scores],
+        given_avg_score=None if avg is None else float(avg),
+    )
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[Any, str]]:

@@ -29,10 +29,21 @@ class Block:
     token_scores: list[float]
 
 
+@dataclass
+class TokenizedDocument:
+    ids: np.ndarray  # int64 token ids, EOS last
+    scores: np.ndarray  # float32, the score of each token's segment
+    segments: np.ndarray  # int64, the index of each token's segment (EOS: the last one)
+
+
+# A per-document change of the token stream, e.g. conditional training's control tokens.
+TokenTransform = Callable[[TokenizedDocument], TokenizedDocument]
+
+
 def tokenize_documents(
     documents: list[Document], tokenizer: PreTrainedTokenizerBase
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Token ids (EOS appended) and per-token scores for each document."""
+) -> list[TokenizedDocument]:
+    """Token ids (EOS appended), per-token scores and segment indices for each document."""
     encoded = tokenizer(
         [doc.text for doc in documents],
         add_special_tokens=False,
@@ -51,22 +62,26 @@ def tokenize_documents(
         # The segment holding a token's last character (end offset - 1).
         last_chars = np.asarray([max(end - 1, start) for start, end in offsets], dtype=np.int64)
         segment_index = np.searchsorted(segment_ends, last_chars, side="right")
-        segment_index = np.minimum(segment_index, len(scores) - 1)
-        token_scores = scores[segment_index] if len(ids) else np.zeros(0, np.float32)
-        last_score = scores[-1] if len(scores) else 0.0
+        segment_index = np.minimum(segment_index, len(scores) - 1).astype(np.int64)
+        segment_index = np.append(segment_index, len(scores) - 1)  # EOS: the last segment
         out.append(
-            (
-                np.asarray([*ids, tokenizer.eos_token_id], dtype=np.int64),
-                np.append(token_scores, np.float32(last_score)),
+            TokenizedDocument(
+                ids=np.asarray([*ids, tokenizer.eos_token_id], dtype=np.int64),
+                scores=scores[segment_index],
+                segments=segment_index,
             )
         )
     return out
 
 
 def pack_blocks(
-    documents: Iterable[Document], tokenizer: PreTrainedTokenizerBase, block_size: int
+    documents: Iterable[Document],
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    transform: TokenTransform | None = None,
 ) -> Iterator[Block]:
-    """Pack a stream of documents into blocks of exactly ``block_size`` tokens.
+    """Pack a stream of documents into blocks of exactly ``block_size`` tokens, applying
+    ``transform`` to each tokenized document first.
 
     The tail shorter than a block is dropped at the end of the stream.
     """
@@ -75,10 +90,12 @@ def pack_blocks(
     buffered = 0
     doc_iter = iter(documents)
     while chunk := list(islice(doc_iter, TOKENIZE_CHUNK)):
-        for ids, scores in tokenize_documents([d for d in chunk if d.texts], tokenizer):
-            ids_buffer.append(ids)
-            scores_buffer.append(scores)
-            buffered += len(ids)
+        for doc in tokenize_documents([d for d in chunk if d.texts], tokenizer):
+            if transform is not None:
+                doc = transform(doc)
+            ids_buffer.append(doc.ids)
+            scores_buffer.append(doc.scores)
+            buffered += len(doc.ids)
         if buffered < block_size:
             continue
         all_ids = np.concatenate(ids_buffer)
@@ -113,15 +130,15 @@ def training_blocks(
     block_size: int,
     shuffle_buffer: int,
     seed: int,
+    transform: TokenTransform | None = None,
 ) -> Iterator[Block]:
     """Endless blocks: each pass over the documents is reshuffled with a seed derived per epoch."""
     epoch = 0
     while True:
         rng = random.Random(seed * 100_003 + epoch)
+        documents = shuffled(open_documents(), shuffle_buffer, rng)
         produced = 0
-        for block in pack_blocks(
-            shuffled(open_documents(), shuffle_buffer, rng), tokenizer, block_size
-        ):
+        for block in pack_blocks(documents, tokenizer, block_size, transform):
             produced += 1
             yield block
         if produced == 0:

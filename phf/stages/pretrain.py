@@ -11,23 +11,38 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import (
+    AutoModelForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_scheduler,
+)
 
 from phf.checkpoints import save_checkpoint, save_pretrained
-from phf.data.corpus import iter_documents
+from phf.data.corpus import Document, iter_documents
 from phf.data.packing import batches, pack_blocks, training_blocks
 from phf.data.prompts import scenario_prompts
-from phf.evaluation import evaluate
+from phf.data.transforms import control_token_ids, document_filter, token_transform
+from phf.evaluation import NO_CONTROLS, Evaluator, GenerationControls, KLReference
 from phf.hardware import Placement, resolve_placement
-from phf.models import build_model, build_tokenizer
+from phf.models import (
+    ValueHead,
+    forward,
+    load_model_and_tokenizer,
+    resolve_source,
+    save_value_head,
+)
 from phf.objectives import Objective, build_objective
 from phf.scorers import build_scorer
+from phf.tokenizer import load_tokenizer
 from phf.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -56,6 +71,7 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def accumulate_gradients(
     model: torch.nn.Module,
+    value_head: ValueHead | None,
     objective: Objective,
     input_ids: torch.Tensor,
     token_scores: torch.Tensor,
@@ -75,8 +91,8 @@ def accumulate_gradients(
         if ids.numel() == 0:
             continue
         with placement.autocast():
-            logits = model(input_ids=ids).logits
-        loss, metrics = objective.loss(logits, ids, scores)
+            logits, values = forward(model, value_head, ids)
+        loss, metrics = objective.loss(logits, ids, scores, values)
         # Weigh each micro-batch by its share of the batch so the sum is the batch mean.
         share = ids.size(0) / input_ids.size(0)
         scaler.scale(loss * share).backward()
@@ -86,104 +102,287 @@ def accumulate_gradients(
     return step_loss, step_metrics
 
 
-def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
-    train = cfg.train
-    placement = resolve_placement(cfg.hardware)
-    tokenizer = build_tokenizer(cfg.model)
-    model = build_model(cfg.model, tokenizer, train.block_size).to(placement.device)
-    objective = build_objective(cfg.objective)
-    scorer = build_scorer(cfg.scorer)
-    log.info(
-        "model: %.2fM parameters on %s (%s)",
-        sum(p.numel() for p in model.parameters()) / 1e6,
-        placement.device,
-        placement.precision,
-    )
+def generation_controls(
+    objective: DictConfig, tokenizer: PreTrainedTokenizerBase
+) -> GenerationControls:
+    """Conditional training samples after <|aligned|> and never samples a control token."""
+    if objective.name != "conditional":
+        return NO_CONTROLS
+    aligned, misaligned = control_token_ids(tokenizer)
+    return GenerationControls(prefix_ids=(aligned,), suppress_ids=(aligned, misaligned))
 
-    def train_documents():
-        return iter_documents(cfg.task.name, cfg.task.dataset, cfg.task.train_split)
 
-    blocks = training_blocks(
-        train_documents, tokenizer, train.block_size, train.shuffle_buffer, cfg.seed
+def load_kl_reference(
+    cfg: DictConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    placement: Placement,
+    tracker: Tracker,
+) -> KLReference | None:
+    """Samples of ``eval.kl_reference`` for the KL metric, or None when there is none (or when
+    ``sweep:<objective>`` names this run's own objective: it is the reference)."""
+    source = cfg.eval.kl_reference
+    if source is None:
+        return None
+    if source.startswith("sweep:"):
+        objective = source.removeprefix("sweep:")
+        if objective == cfg.objective.name:
+            log.info("this run is the KL reference (%s): no KL is logged", source)
+            return None
+        if tracker.sweep_dir is None:
+            raise ValueError(f"eval.kl_reference={source} needs a multirun (phf -m ...)")
+        run_id = tracker.find_sweep_run(objective, cfg.seed)
+        if run_id is None:
+            raise ValueError(
+                f"eval.kl_reference={source}: no FINISHED {objective} run with seed {cfg.seed} in "
+                f"this multirun ({tracker.sweep_dir}); list {objective} first among the sweep's "
+                "objectives, so that it runs before the others"
+            )
+        source = f"runs:/{run_id}/model"
+    reference_source = resolve_source(source)
+    reference_tokenizer = load_tokenizer(reference_source)
+    vocab = tokenizer.get_vocab()
+    if any(vocab.get(token) != index for token, index in reference_tokenizer.get_vocab().items()):
+        raise ValueError(
+            f"eval.kl_reference={cfg.eval.kl_reference}: its tokenizer differs from the model's, "
+            "so their probabilities of one token sequence cannot be compared"
+        )
+    reference = AutoModelForCausalLM.from_pretrained(reference_source).to(placement.device)
+    generation = cfg.eval.generation
+    kl_reference = KLReference.sample(
+        reference,
+        tokenizer,
+        cfg.eval.kl_samples,
+        generation.max_new_tokens,
+        generation.batch_size,
+        placement,
+        seed=cfg.seed,
     )
-    train_batches = batches(blocks, train.batch_size)
+    del reference  # only its samples and their log-probabilities are kept
+    return kl_reference
+
+
+@dataclass
+class Training:
+    """What one training step touches: model (and value head), objective, data, optimizer.
+
+    Built by ``Training.build`` from a composed config; ``step()`` runs one optimizer step.
+    The stage's loop and scripts/benchmark.py both drive it, so the benchmark measures the
+    stage's own code, data pipeline included.
+    """
+
+    cfg: DictConfig
+    placement: Placement
+    model: PreTrainedModel
+    value_head: ValueHead | None
+    tokenizer: PreTrainedTokenizerBase
+    objective: Objective
+    train_batches: Iterator[dict[str, torch.Tensor]]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    max_steps: int
+    micro_batches: int
+    steps_done: int = 0
+    tokens_seen: int = 0
+
+    @classmethod
+    def build(cls, cfg: DictConfig, placement: Placement) -> Training:
+        train = cfg.train
+        objective = build_objective(cfg.objective)
+        model, tokenizer = load_model_and_tokenizer(
+            cfg.model, train.block_size, control_tokens=cfg.objective.name == "conditional"
+        )
+        model.to(placement.device)
+        value_head = (
+            ValueHead(model.config.hidden_size).to(placement.device)
+            if objective.needs_values
+            else None
+        )
+
+        # The objective's document filter (filtering) and token transform (conditional).
+        keep = document_filter(cfg.objective)
+
+        def train_documents() -> Iterator[Document]:
+            documents = iter_documents(cfg.task.name, cfg.task.dataset, cfg.task.train_split)
+            return keep(documents) if keep else documents
+
+        blocks = training_blocks(
+            train_documents,
+            tokenizer,
+            train.block_size,
+            train.shuffle_buffer,
+            cfg.seed,
+            token_transform(cfg.objective, tokenizer, cfg.seed),
+        )
+        max_steps = step_budget(train)
+        modules = [model] + ([value_head] if value_head is not None else [])
+        optimizer = torch.optim.AdamW(
+            [group for m in modules for group in optimizer_groups(m, train.weight_decay)],
+            lr=train.lr,
+            betas=tuple(train.adam_betas),
+            fused=placement.device.type == "cuda",
+        )
+        scheduler = get_scheduler(
+            train.lr_scheduler,
+            optimizer,
+            num_warmup_steps=round(train.warmup_ratio * max_steps),
+            num_training_steps=max_steps,
+        )
+        return cls(
+            cfg=cfg,
+            placement=placement,
+            model=model,
+            value_head=value_head,
+            tokenizer=tokenizer,
+            objective=objective,
+            train_batches=batches(blocks, train.batch_size),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=placement.grad_scaler(),
+            max_steps=max_steps,
+            micro_batches=math.ceil(train.batch_size / cfg.hardware.micro_batch_size),
+        )
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model] + ([self.value_head] if self.value_head is not None else [])
+
+    def train(self) -> None:
+        for module in self.modules:
+            module.train()
+
+    def step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """One optimizer step; returns the batch loss, the objective's metrics, the grad norm."""
+        batch = next(self.train_batches)
+        device = self.placement.device
+        input_ids = batch["input_ids"].to(device, non_blocking=True)
+        token_scores = batch["token_scores"].to(device, non_blocking=True)
+        loss, metrics = accumulate_gradients(
+            self.model,
+            self.value_head,
+            self.objective,
+            input_ids,
+            token_scores,
+            self.micro_batches,
+            self.placement,
+            self.scaler,
+        )
+        # One CPU-GPU sync per step: a NaN must stop the run before it reaches the weights.
+        if not torch.isfinite(loss).item():
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"the training loss is {loss.item()} at step {self.steps_done + 1} (tokens seen "
+                f"{self.tokens_seen}); lower train.lr or raise train.warmup_ratio"
+            )
+        self.scaler.unscale_(self.optimizer)
+        parameters = [p for module in self.modules for p in module.parameters()]
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.cfg.train.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        self.tokens_seen += input_ids.numel()
+        return loss, metrics, grad_norm
+
+    def training_state(self) -> dict:
+        return {
+            "step": self.steps_done,
+            "tokens_seen": self.tokens_seen,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def save(self, directory: Path) -> None:
+        """The model (``from_pretrained``-loadable), tokenizer, config and value head."""
+        save_pretrained(directory, self.model, self.tokenizer, self.cfg)
+        if self.value_head is not None:
+            save_value_head(self.value_head, directory)
+
+
+def build_evaluator(cfg: DictConfig, training: Training, tracker: Tracker) -> Evaluator:
+    """Held-out blocks in the model's own input format (control tokens included, every segment
+    marked), the prompts of each scenario, the generation controls and the KL reference."""
+    tokenizer = training.tokenizer
+    heldout_transform = token_transform(
+        OmegaConf.merge(cfg.objective, {"drop_token_fraction": 0.0}), tokenizer, cfg.seed
+    )
     test_documents = iter_documents(cfg.task.name, cfg.task.dataset, cfg.task.test_split)
+    heldout = list(
+        islice(
+            pack_blocks(test_documents, tokenizer, cfg.train.block_size, heldout_transform),
+            cfg.eval.max_blocks,
+        )
+    )
     prompts = {
         name: scenario_prompts(scenario, cfg.task, cfg.eval.generation.num_samples)
         for name, scenario in cfg.task.scenarios.items()
     }
-    heldout = list(
-        islice(pack_blocks(test_documents, tokenizer, train.block_size), cfg.eval.max_blocks)
+    return Evaluator(
+        cfg,
+        tokenizer,
+        build_scorer(cfg.scorer),
+        prompts,
+        heldout,
+        training.placement,
+        generation_controls(cfg.objective, tokenizer),
+        load_kl_reference(cfg, tokenizer, training.placement, tracker),
     )
 
-    max_steps = step_budget(train)
-    micro_batches = math.ceil(train.batch_size / cfg.hardware.micro_batch_size)
-    optimizer = torch.optim.AdamW(
-        optimizer_groups(model, train.weight_decay),
-        lr=train.lr,
-        betas=tuple(train.adam_betas),
-        fused=placement.device.type == "cuda",
-    )
-    scheduler = get_scheduler(
-        train.lr_scheduler,
-        optimizer,
-        num_warmup_steps=round(train.warmup_ratio * max_steps),
-        num_training_steps=max_steps,
-    )
-    scaler = placement.grad_scaler()
+
+def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
+    train = cfg.train
+    placement = resolve_placement(cfg.hardware)
+    training = Training.build(cfg, placement)
+    evaluator = build_evaluator(cfg, training, tracker)
+    model = training.model
     log.info(
-        "training %d steps x %d sequences x %d tokens (%d micro-batches of <= %d per step)",
-        max_steps,
+        "model: %.2fM parameters on %s (%s)%s; %d steps x %d sequences x %d tokens "
+        "(%d micro-batches of <= %d per step)",
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        placement.device,
+        placement.precision,
+        ", with a value head" if training.value_head is not None else "",
+        training.max_steps,
         train.batch_size,
         train.block_size,
-        micro_batches,
+        training.micro_batches,
         cfg.hardware.micro_batch_size,
     )
-
-    tokens_seen = 0
     last_metrics: dict[str, float] = {}
 
     def run_eval(step: int) -> None:
         nonlocal last_metrics
-        last_metrics, tables = evaluate(model, tokenizer, scorer, prompts, heldout, cfg, placement)
-        tracker.log_metrics(last_metrics, tokens_seen)
+        last_metrics, tables = evaluator.evaluate(model)
+        tracker.log_metrics(last_metrics, training.tokens_seen)
         for name, table in tables.items():
             folder = "samples" if name == "unconditional" else f"samples/{name}"
             tracker.log_table(table, f"{folder}/step_{step:06d}.json")
         log.info(
-            "eval step %d: score %.4f, score_max@25 %.4f, eval/lm_loss %.4f",
+            "eval step %d: score %.4f, score_max@25 %.4f, eval/lm_loss %.4f%s",
             step,
             last_metrics["score"],
             last_metrics["score_max_at_25"],
             last_metrics.get("eval/lm_loss", float("nan")),
+            f", kl {last_metrics['kl']:.3f}" if "kl" in last_metrics else "",
         )
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(
-            output_dir,
-            step,
-            model,
-            tokenizer,
-            cfg,
-            {
-                "step": step,
-                "tokens_seen": tokens_seen,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-            },
-            keep=train.save_total_limit,
+        directory = save_checkpoint(
+            output_dir, step, training.save, training.training_state(), train.save_total_limit
         )
+        log.debug("checkpoint %s", directory)
 
     run_eval(step=0)
-    model.train()
+    training.train()
     # Train time only: evaluation and checkpointing are left out of tokens/s.
     window_seconds, window_tokens = 0.0, 0
     window_metrics: dict[str, torch.Tensor] = {}
     # Redraw at most every 30 s when stderr is a log file rather than a terminal.
     interactive = sys.stderr.isatty()
     progress = tqdm(
-        range(1, max_steps + 1),
+        range(1, training.max_steps + 1),
         desc="train",
         unit="step",
         dynamic_ncols=True,
@@ -191,55 +390,42 @@ def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
     )
     for step in progress:
         step_start = time.perf_counter()
-        batch = next(train_batches)
-        input_ids = batch["input_ids"].to(placement.device, non_blocking=True)
-        token_scores = batch["token_scores"].to(placement.device, non_blocking=True)
-        step_loss, metrics = accumulate_gradients(
-            model, objective, input_ids, token_scores, micro_batches, placement, scaler
-        )
+        tokens_before = training.tokens_seen
+        try:
+            step_loss, metrics, grad_norm = training.step()
+        except NonFiniteLossError as error:
+            raise NonFiniteLossError(
+                f"{error}. Checkpoints written so far are kept in {output_dir / 'checkpoints'}"
+            ) from None
         for name, value in metrics.items():
             window_metrics[name] = window_metrics.get(name, 0.0) + value
-        # One CPU-GPU sync per step: a NaN must stop the run before it reaches the weights.
-        if not torch.isfinite(step_loss).item():
-            raise NonFiniteLossError(
-                f"the training loss is {step_loss.item()} at step {step} (tokens seen "
-                f"{tokens_seen}); lower train.lr or raise train.warmup_ratio. Checkpoints "
-                f"written so far are kept in {output_dir / 'checkpoints'}"
-            )
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += input_ids.numel()
-        window_tokens += input_ids.numel()
+        window_tokens += training.tokens_seen - tokens_before
         window_seconds += time.perf_counter() - step_start
 
-        if step % train.log_steps == 0 or step == max_steps:
+        if step % train.log_steps == 0 or step == training.max_steps:
             steps_in_window = (step - 1) % train.log_steps + 1
             logged = {name: float(v) / steps_in_window for name, v in window_metrics.items()}
             logged |= {
                 "train/loss": step_loss.item(),
-                "train/lr": scheduler.get_last_lr()[0],
+                "train/lr": training.scheduler.get_last_lr()[0],
                 "train/grad_norm": float(grad_norm),
                 "train/tokens_per_s": window_tokens / window_seconds,
             }
-            tracker.log_metrics(logged, tokens_seen)
+            tracker.log_metrics(logged, training.tokens_seen)
             progress.set_postfix(
                 loss=f"{logged['train/loss']:.3f}",
                 tok_s=f"{logged['train/tokens_per_s']:.0f}",
                 refresh=False,  # redraw on tqdm's own schedule (mininterval)
             )
             window_seconds, window_tokens, window_metrics = 0.0, 0, {}
-        if step % train.eval_steps == 0 or step == max_steps:
+        if step % train.eval_steps == 0 or step == training.max_steps:
             run_eval(step)
-        if step % train.save_steps == 0 or step == max_steps:
+        if step % train.save_steps == 0 or step == training.max_steps:
             checkpoint(step)
     progress.close()
 
     final_dir = output_dir / "model"
-    save_pretrained(final_dir, model, tokenizer, cfg)
+    training.save(final_dir)
     if cfg.tracking.log_model:
         tracker.log_artifacts(final_dir, "model")
     log.info("final model saved to %s", final_dir)
