@@ -39,13 +39,23 @@ def load_runs(target: str, tracking_uri: str | None = None) -> pd.DataFrame:
 
 
 def configuration_columns(runs: pd.DataFrame) -> list[str]:
-    """The params that vary between runs, seed and hardware/tracking params excluded."""
+    """The params that vary between runs, seed and hardware/tracking params excluded, and
+    without the ones another kept param already determines (objective.name determines the
+    objective's threshold, so only objective.name is shown). ``*.name`` params come first."""
     params = [
         c
         for c in runs.columns
         if c.startswith("params.") and not c.startswith(IGNORED_PARAM_PREFIXES)
     ]
-    return [c for c in params if runs[c].astype(str).nunique(dropna=False) > 1]
+    frame = runs[params].astype(str)
+    varying = [c for c in params if frame[c].nunique(dropna=False) > 1]
+    varying.sort(key=lambda c: (not c.endswith(".name"), c))
+    kept: list[str] = []
+    for column in varying:
+        if kept and (frame.groupby(kept)[column].nunique(dropna=False) <= 1).all():
+            continue  # a function of the columns already kept
+        kept.append(column)
+    return kept
 
 
 def summarize(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:

@@ -127,3 +127,37 @@ def test_pep8_evaluates_function_signatures(compose_cfg) -> None:
     scenarios = compose_cfg(["task=pep8"]).task.scenarios
     assert set(scenarios) == {"unconditional", "functions"}
     assert scenarios.functions.prompts == "function_signatures" and scenarios.functions.score_prompt
+
+
+OBJECTIVES = ["mle", "filtering", "conditional", "unlikelihood", "awr", "rwr"]
+
+
+@pytest.mark.parametrize("task", ["toxicity", "pii", "pep8"])
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_every_task_objective_pair_has_its_numbers(compose_cfg, task: str, objective: str) -> None:
+    cfg = compose_cfg([f"task={task}", f"objective={objective}"])
+    assert cfg.objective.name == objective and cfg.task.name == task
+    if objective in ("filtering", "conditional", "unlikelihood"):
+        assert cfg.objective.threshold is not None  # from conf/task_objective/
+    if objective in ("awr", "rwr"):
+        assert cfg.objective.beta != 1.0  # the schema default is replaced per task
+    assert cfg.objective.alpha == {"awr": 0.5}.get(objective, 1.0)
+
+
+def test_every_task_objective_file_names_a_real_pair() -> None:
+    tasks, objectives = set(options("task")), set(options("objective"))
+    for name in options("task_objective"):
+        task, objective = name.split("_", 1)
+        assert task in tasks and objective in objectives, name
+
+
+def test_the_objective_comparison_experiment(compose_cfg) -> None:
+    cfg = compose_cfg(["experiment=objective_comparison"])
+    assert cfg.task.name == "toxicity"
+    # The command line still wins: the same comparison on another task.
+    assert compose_cfg(["experiment=objective_comparison", "task=pii"]).task.name == "pii"
+    assert cfg.eval.kl_reference == "sweep:mle"
+    assert cfg.tracking.experiment == "objective_comparison"
+    text = (CONF_DIR / "experiment" / "objective_comparison.yaml").read_text()
+    assert "objective: mle,filtering,conditional,unlikelihood,awr,rwr" in text
+    assert "phf -m experiment=objective_comparison" in text  # opens with its command

@@ -8,7 +8,15 @@ from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from phf.data.packing import Block
-from phf.evaluation import generate_samples, heldout_lm_loss, left_padded_prompts, score_metrics
+from phf.evaluation import (
+    KLReference,
+    distinct_n,
+    generate_samples,
+    heldout_lm_loss,
+    left_padded_prompts,
+    score_metrics,
+    sequence_logprobs,
+)
 from phf.hardware import Placement
 from phf.objectives import MLE, next_token_nll
 from phf.tokenizer import load_tokenizer
@@ -117,3 +125,36 @@ def test_left_padding_layout(tiny_model) -> None:
     assert ids.shape == (2, 1 + len(hello))
     assert ids[0, -1] == tokenizer.eos_token_id and mask[0].sum() == 1 and mask[0, -1] == 1
     assert ids[1].tolist() == [tokenizer.eos_token_id, *hello] and mask[1].all()
+
+
+def test_sequence_logprobs_by_hand(tiny_model) -> None:
+    model, tokenizer = tiny_model
+    eos = tokenizer.eos_token_id
+    sequences = [[5, 6, 7], [8]]
+    got = sequence_logprobs(model, sequences, eos, (), batch_size=2, placement=CPU)
+    for seq, value in zip(sequences, got, strict=True):
+        ids = torch.tensor([[eos, *seq]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
+        expected = sum(logp[t, token].item() for t, token in enumerate(seq))
+        assert value.item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_kl_is_zero_to_itself_and_positive_to_another_model(tiny_model) -> None:
+    model, tokenizer = tiny_model
+    reference = KLReference.sample(model, tokenizer, 8, 6, 4, CPU, seed=0)
+    assert len(reference.sequences) == 8
+    assert reference.kl(model, tokenizer.eos_token_id, (), 4, CPU) == pytest.approx(0, abs=1e-5)
+    # A peaked model (logits x 50) gives the reference's near-uniform samples far less mass.
+    other = GPT2LMHeadModel(model.config).eval()
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        other.lm_head.weight.mul_(50.0)
+    assert reference.kl(other, tokenizer.eos_token_id, (), 4, CPU) > 10.0
+
+
+def test_distinct_n_by_hand() -> None:
+    texts = ["a b a b", "a c"]
+    assert distinct_n(texts, 1) == pytest.approx(3 / 6)  # {a, b, c} of 6 words
+    assert distinct_n(texts, 2) == pytest.approx(3 / 4)  # {ab, ba, ac} of ab ba ab ac
+    assert distinct_n(["", "x"], 2) == 0.0

@@ -18,9 +18,17 @@ def store(run_dir: Path, tracking_uri: str) -> str:
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment("toxicity")
     scores = {("mle", 0): 0.2, ("mle", 1): 0.4, ("filtering", 0): 0.1, ("filtering", 1): 0.1}
+    thresholds = {"mle": "None", "filtering": "0.1"}  # determined by the objective: not shown
     for (objective, seed), score in scores.items():
         with mlflow.start_run():
-            mlflow.log_params({"objective.name": objective, "seed": seed, "hardware.name": "cpu"})
+            mlflow.log_params(
+                {
+                    "objective.name": objective,
+                    "objective.threshold": thresholds[objective],
+                    "seed": seed,
+                    "hardware.name": "cpu",
+                }
+            )
             mlflow.log_metrics({"score": score, "eval/lm_loss": 3.0 + seed})
     with mlflow.start_run():
         mlflow.log_params({"objective.name": "mle", "seed": 2, "hardware.name": "cpu"})
@@ -37,6 +45,21 @@ def test_summary_groups_seeds_of_one_configuration(store: str) -> None:
     assert mle["score mean"] == pytest.approx(0.3)
     assert mle["score std"] == pytest.approx(0.1414213, rel=1e-5)  # sample std of 0.2, 0.4
     assert mle["eval/lm_loss mean"] == pytest.approx(3.5)
+
+
+def test_a_second_varying_param_is_kept() -> None:
+    runs = pd.DataFrame(
+        {
+            "params.objective.name": ["mle", "mle", "awr", "awr"],
+            "params.objective.alpha": ["1.0", "1.0", "0.5", "0.5"],  # follows objective.name
+            "params.train.lr": ["0.1", "0.2", "0.1", "0.2"],  # varies on its own
+            "params.seed": ["0", "1", "0", "1"],
+            "metrics.score": [1.0, 2.0, 3.0, 4.0],
+        }
+    )
+    table = summarize(runs, ["score"])
+    assert list(table.columns[:2]) == ["objective.name", "train.lr"]
+    assert len(table) == 4
 
 
 def test_cli_writes_markdown_and_csv(store: str, run_dir: Path) -> None:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -188,3 +189,61 @@ def test_every_task_runs_end_to_end_offline(
         tables = [a.path for a in client.list_artifacts(run.run_id, "samples/functions")]
         table = mlflow.artifacts.load_dict(f"runs:/{run.run_id}/{tables[-1]}")
         assert all(prompt.startswith(("def ", "async def ")) for prompt, _, _ in table["data"])
+
+
+@pytest.mark.slow
+def test_finetune_from_an_mlflow_run_with_kl_to_it(
+    run_dir: Path, tracking_uri: str, compose_cfg
+) -> None:
+    """Pretrain with MLE, then start conditional training from that run's model, measuring KL
+    from it: the chaining of runs through MLflow model URIs."""
+    execute(compose_cfg([*TINY_RUN, f"tracking.uri={tracking_uri}"]), run_dir / "mle", [])
+    mle_run = only_run(tracking_uri)
+    uri = f"runs:/{mle_run.run_id}/model"
+    not_architecture = [o for o in TINY_RUN if not o.startswith("model.architecture.")]
+    cfg = compose_cfg(
+        [
+            *not_architecture,
+            f"tracking.uri={tracking_uri}",
+            "objective=conditional",
+            "model=pretrained",
+            f"model.pretrained={uri}",
+            f"eval.kl_reference={uri}",
+            "eval.kl_samples=8",
+        ]
+    )
+    execute(cfg, run_dir / "conditional", [])
+    runs = mlflow.search_runs(
+        search_all_experiments=True, filter_string="tags.objective = 'conditional'"
+    )
+    run = runs.iloc[0]
+    assert run.status == "FINISHED" and run["params.model.pretrained"] == uri
+    kl = mlflow.MlflowClient().get_metric_history(run.run_id, "kl")
+    assert len(kl) == 3
+    assert abs(kl[0].value) < 0.5  # before training it still is (nearly) the reference
+    assert kl[-1].value != kl[0].value
+
+
+@pytest.mark.slow
+def test_multirun_measures_kl_to_the_sweeps_mle_run(run_dir: Path, tracking_uri: str) -> None:
+    overrides = [
+        *TINY_RUN,
+        f"tracking.uri={tracking_uri}",
+        "eval.kl_reference=sweep:mle",
+        "eval.kl_samples=8",
+        f"hydra.sweep.dir={run_dir / 'sweep'}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "phf.run", "-m", "objective=mle,unlikelihood", *overrides],
+        cwd=run_dir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(search_all_experiments=True).set_index("tags.objective")
+    assert set(runs.status) == {"FINISHED"}
+    assert set(runs["tags.sweep_dir"]) == {str((run_dir / "sweep").resolve())}
+    assert pd.isna(runs.loc["mle", "metrics.kl"])  # the reference itself: no KL
+    assert not pd.isna(runs.loc["unlikelihood", "metrics.kl"])
