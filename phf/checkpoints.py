@@ -43,6 +43,17 @@ def save_pretrained(
     (directory / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
+def restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+TRAINING_STATE_FILE = "training_state.pt"
+
+
 def save_checkpoint(
     output_dir: Path,
     step: int,
@@ -52,11 +63,37 @@ def save_checkpoint(
 ) -> Path:
     """Write ``checkpoints/step_<step>`` (``save_model(directory)`` writes the weights, tokenizer
     and config; the training state and RNG states go beside them) and delete all but the
-    ``keep`` newest checkpoints."""
+    ``keep`` newest checkpoints.
+
+    The checkpoint is written under a temporary name and renamed when complete, so a run killed
+    while saving never leaves a half-written checkpoint that a resume would pick up.
+    """
     root = output_dir / "checkpoints"
     directory = root / f"step_{step:06d}"
-    save_model(directory)
-    torch.save({**training_state, "rng": rng_states()}, directory / "training_state.pt")
+    partial = root / f".step_{step:06d}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    save_model(partial)
+    torch.save({**training_state, "rng": rng_states()}, partial / TRAINING_STATE_FILE)
+    if directory.exists():
+        shutil.rmtree(directory)
+    partial.rename(directory)
     for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
     return directory
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    complete = [
+        d
+        for d in sorted((output_dir / "checkpoints").glob("step_*"))
+        if (d / TRAINING_STATE_FILE).is_file()
+    ]
+    return complete[-1] if complete else None
+
+
+def load_training_state(directory: Path) -> dict[str, Any]:
+    # weights_only=False: the state holds Python's RNG state (a tuple) and numpy arrays; the
+    # file is one this run wrote itself.
+    return torch.load(directory / TRAINING_STATE_FILE, map_location="cpu", weights_only=False)

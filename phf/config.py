@@ -169,6 +169,10 @@ class TrainConfig:
     save_steps: int = 100  # write a checkpoint every this many steps (and at the end)
     save_total_limit: int = 2  # keep this many newest checkpoints
     shuffle_buffer: int = 1000  # documents
+    # Resume from the newest checkpoint in the run's output directory when there is one (a job
+    # requeued after preemption, or the same command with hydra.run.dir pointing at the run):
+    # model, optimizer, scheduler, RNG states and data position, in the same MLflow run.
+    resume: bool = True
 
 
 @dataclass

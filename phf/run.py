@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from phf.checkpoints import latest_checkpoint, load_training_state
 from phf.config import CONF_DIR, register_schemas
 from phf.stages.pretrain import run_pretrain
 from phf.tracking import Tracker, git_commit
@@ -65,8 +66,13 @@ def execute(
         tags["sweep_dir"] = sweep_dir
     run_name = cfg.tracking.run_name or f"{cfg.objective.name}-{cfg.model.name}-seed{cfg.seed}"
     overrides_yaml = yaml.safe_dump(list(overrides), default_flow_style=False)
+    # A run resumed from a checkpoint goes on in the MLflow run that wrote the checkpoint.
+    checkpoint = latest_checkpoint(output_dir) if cfg.train.resume else None
+    resumed_run_id = load_training_state(checkpoint).get("mlflow_run_id") if checkpoint else None
     try:
-        with tracker.run(run_name, tags, {"hydra/overrides.yaml": overrides_yaml}):
+        with tracker.run(
+            run_name, tags, {"hydra/overrides.yaml": overrides_yaml}, resume_run_id=resumed_run_id
+        ):
             log.info("output directory: %s", output_dir)
             result = STAGES[stage_name(cfg)](cfg, tracker, output_dir)
     finally:

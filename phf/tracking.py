@@ -107,20 +107,30 @@ class Tracker:
 
     @contextmanager
     def run(
-        self, run_name: str, tags: Mapping[str, str], extra_artifacts: Mapping[str, str]
+        self,
+        run_name: str,
+        tags: Mapping[str, str],
+        extra_artifacts: Mapping[str, str],
+        resume_run_id: str | None = None,
     ) -> Iterator[Tracker]:
-        """Open the run, and end it FINISHED, FAILED (error recorded) or KILLED."""
+        """Open the run (or reopen ``resume_run_id``, a run resumed from its checkpoint), and
+        end it FINISHED, FAILED (error recorded) or KILLED."""
         experiment = mlflow.set_experiment(self.experiment_name)
         self.experiment_id = experiment.experiment_id
         self.tags = dict(tags)
-        active = mlflow.start_run(run_name=run_name, tags=self.tags)
+        if resume_run_id is not None:
+            active = mlflow.start_run(run_id=resume_run_id)
+            mlflow.set_tags({**self.tags, "resumed": "true"})
+        else:
+            active = mlflow.start_run(run_name=run_name, tags=self.tags)
         self.run_id = active.info.run_id
         try:
-            container = OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
-            mlflow.log_params(flatten(container))
-            mlflow.log_text(OmegaConf.to_yaml(self.cfg, resolve=True), "config.yaml")
-            for artifact_file, text in extra_artifacts.items():
-                mlflow.log_text(text, artifact_file)
+            if resume_run_id is None:  # params and config were logged when the run began
+                container = OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
+                mlflow.log_params(flatten(container))
+                mlflow.log_text(OmegaConf.to_yaml(self.cfg, resolve=True), "config.yaml")
+                for artifact_file, text in extra_artifacts.items():
+                    mlflow.log_text(text, artifact_file)
             yield self
         except KeyboardInterrupt:
             mlflow.set_tag("phf.error", "KeyboardInterrupt")

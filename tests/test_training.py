@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from phf.data.corpus import DatasetError
 from phf.models import load_model_and_tokenizer
 from phf.run import execute, seed_everything
-from phf.stages.pretrain import NonFiniteLossError
+from phf.stages.pretrain import NonFiniteLossError, Training
 from phf.tracking import Tracker, TrackingServerUnreachable
 from tests.conftest import TINY_RUN
 
@@ -247,3 +247,38 @@ def test_multirun_measures_kl_to_the_sweeps_mle_run(run_dir: Path, tracking_uri:
     assert set(runs["tags.sweep_dir"]) == {str((run_dir / "sweep").resolve())}
     assert pd.isna(runs.loc["mle", "metrics.kl"])  # the reference itself: no KL
     assert not pd.isna(runs.loc["unlikelihood", "metrics.kl"])
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_to_the_same_numbers(
+    run_dir: Path, compose_cfg, monkeypatch
+) -> None:
+    """Stopped after its step-2 checkpoint, a run started again in the same output directory
+    resumes in the same MLflow run and ends with exactly the numbers of an uninterrupted run."""
+    overrides = [*TINY_RUN, "train.max_steps=4", "train.save_steps=2", "train.eval_steps=2"]
+    uninterrupted_uri = f"sqlite:///{run_dir / 'uninterrupted.db'}"
+    execute(compose_cfg([*overrides, f"tracking.uri={uninterrupted_uri}"]), run_dir / "a", [])
+    expected = only_run(uninterrupted_uri)
+
+    uri = f"sqlite:///{run_dir / 'resumed.db'}"
+    cfg = compose_cfg([*overrides, f"tracking.uri={uri}"])
+    real_step = Training.step
+
+    def interrupted_step(self):
+        if self.steps_done == 2:
+            raise KeyboardInterrupt  # as if preempted during step 3
+        return real_step(self)
+
+    monkeypatch.setattr(Training, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        execute(cfg, run_dir / "b", [])
+    assert only_run(uri).status == "KILLED"
+    monkeypatch.setattr(Training, "step", real_step)
+    execute(cfg, run_dir / "b", [])
+
+    resumed = only_run(uri)  # the same MLflow run, reopened
+    assert resumed.status == "FINISHED" and resumed["tags.resumed"] == "true"
+    for metric in ("train/loss", "eval/lm_loss", "score", "score_max_at_25", "tokens_seen"):
+        assert resumed[f"metrics.{metric}"] == expected[f"metrics.{metric}"], metric
+    history = mlflow.MlflowClient().get_metric_history(resumed.run_id, "eval/lm_loss")
+    assert [m.step for m in history] == [0, 256, 512]  # no evaluation repeated or lost

@@ -26,7 +26,13 @@ from transformers import (
     get_scheduler,
 )
 
-from phf.checkpoints import save_checkpoint, save_pretrained
+from phf.checkpoints import (
+    latest_checkpoint,
+    load_training_state,
+    restore_rng_states,
+    save_checkpoint,
+    save_pretrained,
+)
 from phf.data.corpus import Document, iter_documents
 from phf.data.packing import batches, pack_blocks, training_blocks
 from phf.data.prompts import scenario_prompts
@@ -34,6 +40,7 @@ from phf.data.transforms import control_token_ids, document_filter, token_transf
 from phf.evaluation import NO_CONTROLS, Evaluator, GenerationControls, KLReference
 from phf.hardware import Placement, resolve_placement
 from phf.models import (
+    VALUE_HEAD_FILE,
     ValueHead,
     forward,
     load_model_and_tokenizer,
@@ -285,14 +292,36 @@ class Training:
         self.tokens_seen += input_ids.numel()
         return loss, metrics, grad_norm
 
-    def training_state(self) -> dict:
+    def training_state(self, run_id: str | None) -> dict:
         return {
             "step": self.steps_done,
             "tokens_seen": self.tokens_seen,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "mlflow_run_id": run_id,
         }
+
+    def restore(self, directory: Path) -> None:
+        """Continue from a checkpoint: weights, value head, optimizer, scheduler, loss scaler,
+        step, data position and RNG states, so that the run goes on exactly as if it had never
+        stopped."""
+        state = load_training_state(directory)
+        weights = AutoModelForCausalLM.from_pretrained(directory).state_dict()
+        self.model.load_state_dict(weights)
+        if self.value_head is not None:
+            self.value_head.load_state_dict(
+                torch.load(directory / VALUE_HEAD_FILE, map_location=self.placement.device)
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        # The data stream is deterministic (seeded shuffles): replaying the batches already
+        # trained on puts it where it was. Costs tokenization only, no forward passes.
+        for _ in range(state["step"]):
+            next(self.train_batches)
+        self.steps_done, self.tokens_seen = state["step"], state["tokens_seen"]
+        restore_rng_states(state["rng"])
 
     def save(self, directory: Path) -> None:
         """The model (``from_pretrained``-loadable), tokenizer, config and value head."""
@@ -369,12 +398,16 @@ def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
         )
 
     def checkpoint(step: int) -> None:
-        directory = save_checkpoint(
-            output_dir, step, training.save, training.training_state(), train.save_total_limit
-        )
+        state = training.training_state(tracker.run_id)
+        directory = save_checkpoint(output_dir, step, training.save, state, train.save_total_limit)
         log.debug("checkpoint %s", directory)
 
-    run_eval(step=0)
+    resume_from = latest_checkpoint(output_dir) if train.resume else None
+    if resume_from is not None:
+        training.restore(resume_from)
+        log.info("resumed from %s (step %d)", resume_from, training.steps_done)
+    else:
+        run_eval(step=0)
     training.train()
     # Train time only: evaluation and checkpointing are left out of tokens/s.
     window_seconds, window_tokens = 0.0, 0
@@ -382,7 +415,9 @@ def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
     # Redraw at most every 30 s when stderr is a log file rather than a terminal.
     interactive = sys.stderr.isatty()
     progress = tqdm(
-        range(1, training.max_steps + 1),
+        range(training.steps_done + 1, training.max_steps + 1),
+        initial=training.steps_done,
+        total=training.max_steps,
         desc="train",
         unit="step",
         dynamic_ncols=True,
