@@ -17,13 +17,13 @@ import numpy as np
 import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from phf.checkpoints import latest_checkpoint, load_training_state
 from phf.config import CONF_DIR, register_schemas
 from phf.stages.pretrain import run_pretrain
-from phf.tracking import Tracker, git_commit
+from phf.sweep import job_info
+from phf.tracking import Tracker, git_commit, read_sweep
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,18 @@ def stage_name(cfg: DictConfig) -> str:
 
 
 def execute(
-    cfg: DictConfig, output_dir: Path, overrides: list[str], sweep_dir: str | None = None
+    cfg: DictConfig, output_dir: Path, overrides: list[str], job: dict[str, str] | None = None
 ) -> float:
     """Run one composed config: seed, open the MLflow run, run the stage, close the run.
 
-    ``sweep_dir`` is the Hydra sweep directory when the run is one job of a multirun."""
+    ``job`` describes the multirun job this run is (phf.sweep.job_info), or is None for a single
+    run. A job joins its sweep's parent MLflow run, and its failure is recorded (run FAILED,
+    error tagged) without raising, so that the sweep's other jobs go on.
+    """
     seed_everything(cfg.seed)
-    tracker = Tracker(cfg)  # fails here, before any work, if the tracking server is down
+    sweep = read_sweep(Path(job["sweep_dir"])) if job else None
+    # Fails here, before any work, if the tracking server is down.
+    tracker = Tracker(cfg, experiment=sweep["experiment"] if sweep else None)
     tags = {
         "task": cfg.task.name,
         "objective": cfg.objective.name,
@@ -62,8 +67,10 @@ def execute(
         "git_commit": git_commit(),
         "output_dir": str(output_dir.resolve()),
     }
-    if sweep_dir is not None:
-        tags["sweep_dir"] = sweep_dir
+    if job is not None:
+        tags |= job
+    if sweep is not None:
+        tags |= {"mlflow.parentRunId": sweep["parent_run_id"], "sweep_id": sweep["parent_run_id"]}
     run_name = cfg.tracking.run_name or f"{cfg.objective.name}-{cfg.model.name}-seed{cfg.seed}"
     overrides_yaml = yaml.safe_dump(list(overrides), default_flow_style=False)
     # A run resumed from a checkpoint goes on in the MLflow run that wrote the checkpoint.
@@ -74,11 +81,16 @@ def execute(
             run_name, tags, {"hydra/overrides.yaml": overrides_yaml}, resume_run_id=resumed_run_id
         ):
             log.info("output directory: %s", output_dir)
-            result = STAGES[stage_name(cfg)](cfg, tracker, output_dir)
+            return STAGES[stage_name(cfg)](cfg, tracker, output_dir)
+    except Exception:
+        if job is None:
+            raise
+        # The run is already FAILED with its error; the sweep's summary reports it.
+        log.exception("job %s failed (%s)", job["job_num"], job["overrides"])
+        return float("nan")
     finally:
         if tracker.run_id is not None:
             print(tracker.ui_hint(), flush=True)
-    return result
 
 
 # An absolute config path: Hydra resolves a relative one against the calling script, which for
@@ -86,11 +98,8 @@ def execute(
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
-    sweep_dir = (
-        str(Path(hydra_cfg.sweep.dir).resolve()) if hydra_cfg.mode == RunMode.MULTIRUN else None
-    )
     return execute(
-        cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), sweep_dir
+        cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), job_info()
     )
 
 

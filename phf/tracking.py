@@ -7,6 +7,7 @@ as an artifact, and an end status: FINISHED, FAILED (with the error) or KILLED (
 
 from __future__ import annotations
 
+import json
 import subprocess
 import traceback
 import urllib.error
@@ -79,13 +80,14 @@ def git_commit() -> str:
 class Tracker:
     """One MLflow run of phf."""
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: DictConfig, experiment: str | None = None) -> None:
+        """``experiment`` overrides the configured one (a multirun job joins its sweep's)."""
         self.cfg = cfg
         tracking = cfg.tracking
         check_tracking_server(tracking.uri, tracking.connect_timeout_s)
         if tracking.uri:
             mlflow.set_tracking_uri(tracking.uri)
-        self.experiment_name = tracking.experiment or cfg.task.name
+        self.experiment_name = experiment or tracking.experiment or cfg.task.name
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.tags: dict[str, str] = {}
@@ -208,3 +210,82 @@ def find_sweep_run(experiment: str, sweep_dir: str, objective: str, seed: int) -
         max_results=1,
     )
     return None if found.empty else str(found.run_id.iloc[0])
+
+
+SWEEP_FILE = "mlflow_sweep.json"  # in the Hydra sweep directory: the parent run of a multirun
+
+
+def start_sweep(
+    sweep_dir: Path, experiment: str, tracking_uri: str | None, name: str, swept_keys: list[str]
+) -> str:
+    """Create the parent run of a multirun and record it, with the keys the multirun varies,
+    in ``sweep_dir`` for the jobs."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    experiment_id = mlflow.set_experiment(experiment).experiment_id
+    run = mlflow.MlflowClient().create_run(
+        experiment_id, run_name=name, tags={"phf.sweep_dir": str(sweep_dir), "sweep": "parent"}
+    )
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    info = {
+        "parent_run_id": run.info.run_id,
+        "experiment": experiment,
+        "tracking_uri": mlflow.get_tracking_uri(),
+        "swept_keys": swept_keys,
+    }
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=2))
+    return run.info.run_id
+
+
+def read_sweep(sweep_dir: Path) -> dict[str, str] | None:
+    path = sweep_dir / SWEEP_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def finish_sweep(sweep_dir: Path) -> tuple[list[dict[str, str]], str]:
+    """End a multirun's parent run with a summary of its children; returns the children
+    (run id, status, job, output dir, error) and the summary as Markdown."""
+    info = read_sweep(sweep_dir)
+    if info is None:
+        raise FileNotFoundError(f"{sweep_dir / SWEEP_FILE} not found: not a phf multirun")
+    mlflow.set_tracking_uri(info["tracking_uri"])
+    client = mlflow.MlflowClient()
+    parent = info["parent_run_id"]
+    experiment_id = client.get_run(parent).info.experiment_id
+    children = client.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"
+    )
+    rows = [
+        {
+            "run_id": run.info.run_id,
+            "status": run.info.status,
+            "job": run.data.tags.get("job_num", "?"),
+            "overrides": run.data.tags.get("overrides", ""),
+            "log": run.data.tags.get("log_file", ""),
+            "error": run.data.tags.get("phf.error", ""),
+        }
+        for run in children
+    ]
+    rows.sort(key=lambda row: int(row["job"]) if row["job"].isdigit() else 0)
+    failed = [row for row in rows if row["status"] != "FINISHED"]
+    lines = [
+        f"# Sweep {parent}",
+        "",
+        f"{len(rows) - len(failed)} of {len(rows)} jobs finished; {len(failed)} failed.",
+        "",
+        "| job | status | overrides | run | log |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['job']} | {r['status']} | {r['overrides']} | {r['run_id']} | {r['log']} |"
+            for r in rows
+        ),
+    ]
+    for row in failed:
+        lines += ["", f"job {row['job']} ({row['overrides']}): {row['error'] or row['status']}"]
+    summary = "\n".join(lines) + "\n"
+    client.log_text(parent, summary, "sweep_summary.md")
+    client.set_tag(parent, "failed_jobs", str(len(failed)))
+    client.set_terminated(
+        parent, status="FAILED" if failed and len(failed) == len(rows) else "FINISHED"
+    )
+    return rows, summary

@@ -161,3 +161,11 @@ def test_the_objective_comparison_experiment(compose_cfg) -> None:
     text = (CONF_DIR / "experiment" / "objective_comparison.yaml").read_text()
     assert "objective: mle,filtering,conditional,unlikelihood,awr,rwr" in text
     assert "phf -m experiment=objective_comparison" in text  # opens with its command
+
+
+def test_signature_ignores_seed_hardware_and_tracking() -> None:
+    from phf.sweep import signature
+
+    base = signature(["objective=awr", "train.lr=0.001", "seed=1", "hardware=cpu"])
+    assert base == signature(["train.lr=0.001", "seed=2", "objective=awr", "tracking.uri=x"])
+    assert base != signature(["objective=awr", "train.lr=0.002", "seed=1"])

@@ -242,9 +242,12 @@ def test_multirun_measures_kl_to_the_sweeps_mle_run(run_dir: Path, tracking_uri:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     mlflow.set_tracking_uri(tracking_uri)
-    runs = mlflow.search_runs(search_all_experiments=True).set_index("tags.objective")
-    assert set(runs.status) == {"FINISHED"}
+    runs = mlflow.search_runs(search_all_experiments=True)
+    parent = runs[runs["tags.sweep"] == "parent"]
+    runs = runs[runs["tags.sweep"] != "parent"].set_index("tags.objective")
+    assert set(runs.status) == {"FINISHED"} and list(parent.status) == ["FINISHED"]
     assert set(runs["tags.sweep_dir"]) == {str((run_dir / "sweep").resolve())}
+    assert set(runs["tags.mlflow.parentRunId"]) == set(parent.run_id)
     assert pd.isna(runs.loc["mle", "metrics.kl"])  # the reference itself: no KL
     assert not pd.isna(runs.loc["unlikelihood", "metrics.kl"])
 
@@ -282,3 +285,38 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(
         assert resumed[f"metrics.{metric}"] == expected[f"metrics.{metric}"], metric
     history = mlflow.MlflowClient().get_metric_history(resumed.run_id, "eval/lm_loss")
     assert [m.step for m in history] == [0, 256, 512]  # no evaluation repeated or lost
+
+
+@pytest.mark.slow
+def test_a_failing_job_does_not_stop_the_sweep(run_dir: Path, tracking_uri: str) -> None:
+    overrides = [
+        *TINY_RUN,
+        f"tracking.uri={tracking_uri}",
+        "train.max_steps=3",
+        "train.eval_steps=100",
+        f"hydra.sweep.dir={run_dir / 'sweep'}",
+    ]
+    result = subprocess.run(
+        # Job 1's learning rate makes its loss NaN; jobs 0 and 2 are fine.
+        [sys.executable, "-m", "phf.run", "-m", "train.lr=1e-3,1e30,2e-3", *overrides],
+        cwd=run_dir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0  # the sweep reports its failure...
+    assert "2 of 3 jobs finished; 1 failed." in result.stdout  # ...after every job ran
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(search_all_experiments=True)
+    parent = runs[runs["tags.sweep"] == "parent"].iloc[0]
+    children = runs[runs["tags.mlflow.parentRunId"] == parent.run_id].set_index("tags.job_num")
+    assert sorted(children.index) == ["0", "1", "2"]
+    assert list(children.loc[["0", "1", "2"], "status"]) == ["FINISHED", "FAILED", "FINISHED"]
+    assert "NonFiniteLossError" in children.loc["1", "tags.phf.error"]
+    log_file = Path(children.loc["1", "tags.log_file"])
+    assert log_file.is_file() and "NonFiniteLossError" in log_file.read_text()
+    assert str(log_file) in result.stdout  # the summary says where the failed job's log is
+    summary = mlflow.artifacts.load_text(f"runs:/{parent.run_id}/sweep_summary.md")
+    assert "| 1 | FAILED | train.lr=1e+30 |" in summary
+    # Seeds aside, jobs of different learning rates are different configurations.
+    assert children["tags.signature"].nunique() == 3
