@@ -1,6 +1,10 @@
-"""python -m multirun_analysis <experiment name or id> [--metrics ...] [--out DIR]
+"""python -m multirun_analysis <sweep id | experiment name> [--metrics ...] [--out DIR]
 
-Writes DIR/summary.md and DIR/summary.csv: one row per configuration, mean ± std over seeds.
+Reads the FINISHED runs of a sweep (the id of its MLflow parent run, which `phf -m` prints) or
+of an experiment, from any tracking URI, and writes to DIR:
+- summary.md, summary.csv: one row per configuration, mean ± std over seeds of each metric;
+- pareto.png: score against held-out LM loss (or --x kl) per configuration;
+- curves.png: score over tokens seen per configuration.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from multirun_analysis.plots import curve_plot, pareto_plot
 from multirun_analysis.summary import NoRunsFound, load_runs, summarize, to_markdown
 
 DEFAULT_METRICS = ["score", "score_max_at_25", "eval/lm_loss"]
@@ -16,13 +21,17 @@ DEFAULT_METRICS = ["score", "score_max_at_25", "eval/lm_loss"]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m multirun_analysis", description=__doc__)
-    parser.add_argument("target", help="MLflow experiment name or id (e.g. toxicity)")
+    parser.add_argument("target", help="sweep id (parent run id) or experiment name or id")
     parser.add_argument("--metrics", nargs="+", default=DEFAULT_METRICS)
     parser.add_argument("--tracking-uri", default=None, help="default: MLflow's own default")
     parser.add_argument("--out", type=Path, default=Path("analysis"))
+    parser.add_argument("--x", default="eval/lm_loss", help="x axis of the Pareto plot")
+    parser.add_argument("--y", default="score", help="y axis of both plots")
     args = parser.parse_args(argv)
     try:
-        table = summarize(load_runs(args.target, args.tracking_uri), args.metrics)
+        runs = load_runs(args.target, args.tracking_uri)
+        table = summarize(runs, args.metrics)
+        summarize(runs, [args.x, args.y])  # the plotted metrics must exist too
     except (NoRunsFound, KeyError) as error:
         print(f"error: {error.args[0]}", file=sys.stderr)
         return 2
@@ -30,8 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     markdown = to_markdown(table)
     (args.out / "summary.md").write_text(markdown)
     table.to_csv(args.out / "summary.csv", index=False)
+    pareto_plot(runs, args.x, args.y).savefig(args.out / "pareto.png", dpi=120)
+    curve_plot(runs, args.y).savefig(args.out / "curves.png", dpi=120)
     print(markdown)
-    print(f"written: {args.out / 'summary.md'}, {args.out / 'summary.csv'}")
+    written = ", ".join(
+        str(args.out / f) for f in ("summary.md", "summary.csv", "pareto.png", "curves.png")
+    )
+    print(f"written: {written}")
     return 0
 
 

@@ -18,24 +18,57 @@ class NoRunsFound(LookupError):
 
 
 def load_runs(target: str, tracking_uri: str | None = None) -> pd.DataFrame:
-    """The FINISHED runs of an experiment (by name or id) as MLflow's search_runs frame."""
+    """The FINISHED runs of a sweep (its parent run's id: the children) or of an experiment
+    (by name or id; a sweep's parent run itself is left out), as MLflow's search_runs frame."""
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
+    finished = "attributes.status = 'FINISHED'"
+    parent = _sweep_parent(target)
+    if parent is not None:
+        runs = mlflow.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"{finished} and tags.mlflow.parentRunId = '{target}'",
+        )
+        if runs.empty:
+            raise NoRunsFound(f"sweep {target} has no FINISHED jobs")
+        return runs
     experiment = mlflow.get_experiment_by_name(target)
     if experiment is None and target.isdigit():
         experiment = mlflow.get_experiment(target)
     if experiment is None:
         names = [e.name for e in mlflow.search_experiments()]
         raise NoRunsFound(
-            f"no experiment {target!r} in the MLflow store {mlflow.get_tracking_uri()}; "
+            f"no experiment or sweep {target!r} in the MLflow store {mlflow.get_tracking_uri()}; "
             f"experiments there: {names}"
         )
-    runs = mlflow.search_runs(
-        [experiment.experiment_id], filter_string="attributes.status = 'FINISHED'"
-    )
+    runs = mlflow.search_runs([experiment.experiment_id], filter_string=finished)
+    if "tags.sweep" in runs.columns:
+        runs = runs[runs["tags.sweep"] != "parent"]
     if runs.empty:
         raise NoRunsFound(f"experiment {target!r} has no FINISHED runs")
     return runs
+
+
+def _sweep_parent(target: str):
+    """The parent run of a sweep whose id is ``target``, or None."""
+    if len(target) != 32 or not all(c in "0123456789abcdef" for c in target):
+        return None
+    try:
+        run = mlflow.get_run(target)
+    except mlflow.exceptions.MlflowException:
+        return None
+    return run if run.data.tags.get("sweep") == "parent" else None
+
+
+def configuration_label(runs: pd.DataFrame) -> pd.Series:
+    """One readable label per run: its configuration's params, "objective.name=awr ..."."""
+    keys = configuration_columns(runs)
+    if not keys:
+        return pd.Series("all runs", index=runs.index)
+    frame = runs[keys].astype(str)
+    return frame.apply(
+        lambda row: " ".join(f"{k.removeprefix('params.')}={row[k]}" for k in keys), axis=1
+    )
 
 
 def configuration_columns(runs: pd.DataFrame) -> list[str]:

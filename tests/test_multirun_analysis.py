@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from multirun_analysis.__main__ import main
+from multirun_analysis.plots import curve_plot, pareto_plot
 from multirun_analysis.summary import NoRunsFound, load_runs, summarize
 
 
@@ -29,7 +30,8 @@ def store(run_dir: Path, tracking_uri: str) -> str:
                     "hardware.name": "cpu",
                 }
             )
-            mlflow.log_metrics({"score": score, "eval/lm_loss": 3.0 + seed})
+            mlflow.log_metrics({"score": 1.0, "eval/lm_loss": 9.0}, step=0)
+            mlflow.log_metrics({"score": score, "eval/lm_loss": 3.0 + seed}, step=100)
     with mlflow.start_run():
         mlflow.log_params({"objective.name": "mle", "seed": 2, "hardware.name": "cpu"})
         mlflow.log_metric("score", 99.0)
@@ -71,10 +73,32 @@ def test_cli_writes_markdown_and_csv(store: str, run_dir: Path) -> None:
     assert markdown[3] == "| mle | 2 | 0.3000 ± 0.1414 |"
     csv = pd.read_csv(out / "summary.csv")
     assert list(csv.columns) == ["objective.name", "n", "score mean", "score std"]
+    for png in ("pareto.png", "curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pareto_plot_puts_each_configuration_at_its_mean(store: str) -> None:
+    axes = pareto_plot(load_runs("toxicity", store), "eval/lm_loss").axes[0]
+    labels = {text.get_text() for text in axes.get_legend().get_texts()}
+    assert labels == {"objective.name=filtering", "objective.name=mle"}
+    series = [line for line in axes.lines if line.get_marker() == "o"]  # not the error bars
+    data = sorted((float(line.get_xdata()[0]), float(line.get_ydata()[0])) for line in series)
+    # filtering: lm_loss 3.0 and 4.0 (seeds 0, 1) -> 3.5, score 0.1; mle: 3.5, 0.3.
+    assert data == [(3.5, pytest.approx(0.1)), (3.5, pytest.approx(0.3))]
+    assert axes.get_xlabel() == "eval/lm_loss" and axes.get_ylabel() == "score"
+
+
+def test_curve_plot_averages_the_seeds_over_tokens_seen(store: str) -> None:
+    axes = curve_plot(load_runs("toxicity", store), "score").axes[0]
+    curves = {
+        line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in axes.lines
+    }
+    assert curves["objective.name=mle"] == ([0, 100], [1.0, pytest.approx(0.3)])
+    assert curves["objective.name=filtering"] == ([0, 100], [1.0, pytest.approx(0.1)])
 
 
 def test_unknown_experiment_and_metric_are_clear_errors(store: str, capsys) -> None:
-    with pytest.raises(NoRunsFound, match="no experiment 'nope'.*toxicity"):
+    with pytest.raises(NoRunsFound, match="no experiment or sweep 'nope'.*toxicity"):
         load_runs("nope", store)
     assert main(["toxicity", "--tracking-uri", store, "--metrics", "kl"]) == 2
     assert "metrics ['kl'] were not logged" in capsys.readouterr().err

@@ -1,0 +1,68 @@
+"""The paper's two views of a sweep, as PNG figures: misalignment score against held-out LM loss
+(or KL) per configuration, and score over tokens seen per configuration."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from multirun_analysis.summary import configuration_label  # noqa: E402
+
+
+def pareto_plot(runs: pd.DataFrame, x_metric: str, y_metric: str = "score") -> Figure:
+    """One point per configuration at its mean over seeds, with std error bars: the trade-off
+    between alignment (lower score) and capability (lower LM loss, or KL from a reference)."""
+    labels = configuration_label(runs)
+    figure, axes = plt.subplots(figsize=(6.4, 4.8))
+    for label in sorted(labels.unique()):
+        group = runs[labels == label]
+        x, y = group[f"metrics.{x_metric}"], group[f"metrics.{y_metric}"]
+        if x.isna().all() or y.isna().all():
+            continue  # e.g. the KL reference itself has no KL
+        axes.errorbar(
+            x.mean(),
+            y.mean(),
+            xerr=x.std(ddof=1) if len(x) > 1 else None,
+            yerr=y.std(ddof=1) if len(y) > 1 else None,
+            fmt="o",
+            capsize=3,
+            label=label,
+        )
+    axes.set_xlabel(x_metric)
+    axes.set_ylabel(y_metric)
+    axes.set_title(f"{y_metric} vs {x_metric} (mean ± std over seeds)")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
+def metric_history(run_id: str, metric: str) -> pd.Series:
+    """A run's metric over tokens seen (MLflow's step)."""
+    history = mlflow.MlflowClient().get_metric_history(run_id, metric)
+    return pd.Series({m.step: m.value for m in history}, dtype=float).sort_index()
+
+
+def curve_plot(runs: pd.DataFrame, metric: str = "score") -> Figure:
+    """``metric`` over tokens seen, one line per configuration (the mean over its seeds)."""
+    labels = configuration_label(runs)
+    figure, axes = plt.subplots(figsize=(6.4, 4.8))
+    for label in sorted(labels.unique()):
+        curves = [metric_history(run_id, metric) for run_id in runs.run_id[labels == label]]
+        curves = [c for c in curves if not c.empty]
+        if not curves:
+            continue
+        mean = pd.concat(curves, axis=1).mean(axis=1)
+        axes.plot(mean.index.to_numpy(), mean.to_numpy(dtype=np.float64), marker=".", label=label)
+    axes.set_xlabel("tokens seen")
+    axes.set_ylabel(metric)
+    axes.set_title(f"{metric} over training (mean over seeds)")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
