@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import traceback
 import urllib.error
 import urllib.request
@@ -91,6 +92,12 @@ class Tracker:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.tags: dict[str, str] = {}
+        self.preempted = False
+
+    def mark_preempted(self, step: int) -> None:
+        """The run stops for a preemption after a checkpoint at ``step`` and will be resumed."""
+        self.preempted = True
+        mlflow.set_tag("phf.preempted_at_step", str(step))
 
     @property
     def sweep_dir(self) -> str | None:
@@ -138,8 +145,11 @@ class Tracker:
             mlflow.set_tag("phf.error", "KeyboardInterrupt")
             mlflow.end_run(status="KILLED")
             raise
-        except BaseException as error:
-            message = f"{type(error).__name__}: {error}"
+        except BaseException:
+            if self.preempted:
+                # Left RUNNING: the requeued job reopens this run and carries on in it.
+                raise
+            message = f"{type(sys.exc_info()[1]).__name__}: {sys.exc_info()[1]}"
             mlflow.set_tag("phf.error", message[:5000])
             mlflow.log_text(traceback.format_exc(), "error.txt")
             mlflow.end_run(status="FAILED")

@@ -48,6 +48,7 @@ from phf.models import (
     save_value_head,
 )
 from phf.objectives import Objective, build_objective
+from phf.preemption import PreemptionGuard
 from phf.scorers import build_scorer
 from phf.tokenizer import load_tokenizer
 from phf.tracking import Tracker
@@ -412,51 +413,56 @@ def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
     # Train time only: evaluation and checkpointing are left out of tokens/s.
     window_seconds, window_tokens = 0.0, 0
     window_metrics: dict[str, torch.Tensor] = {}
-    # Redraw at most every 30 s when stderr is a log file rather than a terminal.
-    interactive = sys.stderr.isatty()
-    progress = tqdm(
-        range(training.steps_done + 1, training.max_steps + 1),
-        initial=training.steps_done,
-        total=training.max_steps,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-        mininterval=0.5 if interactive else 30.0,
-    )
-    for step in progress:
-        step_start = time.perf_counter()
-        tokens_before = training.tokens_seen
-        try:
-            step_loss, metrics, grad_norm = training.step()
-        except NonFiniteLossError as error:
-            raise NonFiniteLossError(
-                f"{error}. Checkpoints written so far are kept in {output_dir / 'checkpoints'}"
-            ) from None
-        for name, value in metrics.items():
-            window_metrics[name] = window_metrics.get(name, 0.0) + value
-        window_tokens += training.tokens_seen - tokens_before
-        window_seconds += time.perf_counter() - step_start
+    with PreemptionGuard() as guard:
+        # Redraw at most every 30 s when stderr is a log file rather than a terminal.
+        interactive = sys.stderr.isatty()
+        progress = tqdm(
+            range(training.steps_done + 1, training.max_steps + 1),
+            initial=training.steps_done,
+            total=training.max_steps,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.5 if interactive else 30.0,
+        )
+        for step in progress:
+            step_start = time.perf_counter()
+            tokens_before = training.tokens_seen
+            try:
+                step_loss, metrics, grad_norm = training.step()
+            except NonFiniteLossError as error:
+                raise NonFiniteLossError(
+                    f"{error}. Checkpoints written so far are kept in {output_dir / 'checkpoints'}"
+                ) from None
+            for name, value in metrics.items():
+                window_metrics[name] = window_metrics.get(name, 0.0) + value
+            window_tokens += training.tokens_seen - tokens_before
+            window_seconds += time.perf_counter() - step_start
 
-        if step % train.log_steps == 0 or step == training.max_steps:
-            steps_in_window = (step - 1) % train.log_steps + 1
-            logged = {name: float(v) / steps_in_window for name, v in window_metrics.items()}
-            logged |= {
-                "train/loss": step_loss.item(),
-                "train/lr": training.scheduler.get_last_lr()[0],
-                "train/grad_norm": float(grad_norm),
-                "train/tokens_per_s": window_tokens / window_seconds,
-            }
-            tracker.log_metrics(logged, training.tokens_seen)
-            progress.set_postfix(
-                loss=f"{logged['train/loss']:.3f}",
-                tok_s=f"{logged['train/tokens_per_s']:.0f}",
-                refresh=False,  # redraw on tqdm's own schedule (mininterval)
-            )
-            window_seconds, window_tokens, window_metrics = 0.0, 0, {}
-        if step % train.eval_steps == 0 or step == training.max_steps:
-            run_eval(step)
-        if step % train.save_steps == 0 or step == training.max_steps:
-            checkpoint(step)
+            if step % train.log_steps == 0 or step == training.max_steps:
+                steps_in_window = (step - 1) % train.log_steps + 1
+                logged = {name: float(v) / steps_in_window for name, v in window_metrics.items()}
+                logged |= {
+                    "train/loss": step_loss.item(),
+                    "train/lr": training.scheduler.get_last_lr()[0],
+                    "train/grad_norm": float(grad_norm),
+                    "train/tokens_per_s": window_tokens / window_seconds,
+                }
+                tracker.log_metrics(logged, training.tokens_seen)
+                progress.set_postfix(
+                    loss=f"{logged['train/loss']:.3f}",
+                    tok_s=f"{logged['train/tokens_per_s']:.0f}",
+                    refresh=False,  # redraw on tqdm's own schedule (mininterval)
+                )
+                window_seconds, window_tokens, window_metrics = 0.0, 0, {}
+            if step % train.eval_steps == 0 or step == training.max_steps:
+                run_eval(step)
+            if step % train.save_steps == 0 or step == training.max_steps or guard.requested:
+                checkpoint(step)
+            if guard.requested:
+                progress.close()
+                tracker.mark_preempted(step)
+                guard.hand_over()  # requeue and exit (submitit), or raise Preempted
     progress.close()
 
     final_dir = output_dir / "model"
