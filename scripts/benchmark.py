@@ -1,5 +1,6 @@
-"""Print phf's speed on this machine: training and generation tokens/s, each scorer's texts/s,
-and the scoring pipeline's documents/s with one worker and with one per core.
+"""Print phf's speed on this machine: training tokens/s per objective, generation tokens/s, each
+scorer's texts/s, the scoring pipeline's documents/s with one worker and with one per core, and
+the per-job launch overhead of local and SLURM sweeps.
 
 Measures the default run's own code paths (the config is composed exactly as `python -m phf.run`
 composes it, overrides included):
@@ -7,12 +8,16 @@ composes it, overrides included):
     python scripts/benchmark.py                       # everything, default tiny model
     python scripts/benchmark.py --only train generation hardware=gpu model=gpt2
     python scripts/benchmark.py --only scorers pipeline
+    python scripts/benchmark.py --only launch      # SLURM too when scripts/start-local-slurm.sh ran
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import subprocess
+import sys
 import sysconfig
 import tempfile
 import time
@@ -31,7 +36,7 @@ from phf.run import seed_everything
 from phf.scorers import build_scorer
 from phf.stages.pretrain import Training
 
-SECTIONS = ["train", "generation", "scorers", "pipeline"]
+SECTIONS = ["train", "generation", "scorers", "pipeline", "launch"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -47,6 +52,7 @@ def main() -> None:
         "--only", nargs="+", choices=SECTIONS, default=SECTIONS, help="sections to run"
     )
     parser.add_argument("--pipeline-files", type=int, default=1000)
+    parser.add_argument("--launch-jobs", type=int, default=4, help="jobs per timed sweep")
     parser.add_argument(
         "--objectives",
         nargs="+",
@@ -62,6 +68,8 @@ def main() -> None:
         benchmark_scorers()
     if "pipeline" in args.only:
         benchmark_pipeline(args.pipeline_files)
+    if "launch" in args.only:
+        benchmark_launch(args.launch_jobs)
 
 
 OBJECTIVES = ["mle", "filtering", "conditional", "unlikelihood", "awr", "rwr"]
@@ -170,6 +178,72 @@ def benchmark_pipeline(n_files: int) -> None:
             )
     if cores > 1:
         print(f"scoring pipeline speed-up with {cores} workers: {rates[cores] / rates[1]:.2f}x")
+
+
+# A job with almost no work of its own, so that a sweep's time is mostly launching.
+TRIVIAL_JOB = [
+    "hardware.num_threads=1",
+    "model.architecture.n_layer=1",
+    "model.architecture.n_head=2",
+    "model.architecture.n_embd=32",
+    "train.block_size=32",
+    "train.batch_size=4",
+    "train.max_steps=1",
+    "eval.generation.num_samples=25",
+    "eval.generation.max_new_tokens=4",
+    "eval.max_blocks=2",
+    "tracking.log_model=false",
+]
+LOCAL_SLURM = [
+    "hardware=slurm",
+    "hydra.launcher.gpus_per_node=0",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=null",
+    "hydra.launcher.timeout_min=15",
+    "hydra.launcher.array_parallelism=1",  # one job at a time: overheads add up, not overlap
+]
+
+
+def benchmark_launch(n_jobs: int) -> None:
+    """Per-job launch overhead of a sweep: its wall time beyond the jobs' own work (their MLflow
+    runs' durations), from the marginal cost of n_jobs jobs over one job, jobs one at a time."""
+    import mlflow
+
+    launchers = {"local (basic launcher)": []}
+    if shutil.which("sbatch"):
+        launchers["SLURM (submitit, one job at a time)"] = LOCAL_SLURM
+    else:
+        print("launch overhead on SLURM: not measured (no sbatch; scripts/start-local-slurm.sh)")
+    for name, extra in launchers.items():
+        walls, own = {}, {}
+        for n in (1, n_jobs):
+            with tempfile.TemporaryDirectory() as tmp:
+                uri = f"sqlite:///{tmp}/mlflow.db"
+                seeds = ",".join(str(i) for i in range(n))
+                command = [
+                    sys.executable,
+                    "-m",
+                    "phf.run",
+                    "-m",
+                    f"seed={seeds}",
+                    *TRIVIAL_JOB,
+                    *extra,
+                    f"tracking.uri={uri}",
+                    f"hydra.sweep.dir={tmp}/sweep",
+                ]
+                start = time.perf_counter()
+                subprocess.run(command, cwd=tmp, check=True, capture_output=True)
+                walls[n] = time.perf_counter() - start
+                mlflow.set_tracking_uri(uri)
+                runs = mlflow.search_runs(search_all_experiments=True)
+                runs = runs[runs["tags.sweep"] != "parent"]
+                own[n] = float((runs.end_time - runs.start_time).dt.total_seconds().sum())
+        marginal = (walls[n_jobs] - walls[1]) / (n_jobs - 1)
+        own_per_job = (own[n_jobs] - own[1]) / (n_jobs - 1)
+        print(
+            f"launch overhead, {name}: {marginal - own_per_job:.2f} s per job beyond its own "
+            f"work ({marginal:.2f} s per extra job, of which {own_per_job:.2f} s in its run)"
+        )
 
 
 if __name__ == "__main__":
