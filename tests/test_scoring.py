@@ -112,9 +112,9 @@ def test_local_dataset_in_the_papers_schema_loads_through_datasets(
     (src / "train.jsonl").write_text(json.dumps(row) + "\n")
     docs = list(scoring._hub_documents(str(src), "text", "train"))
     assert [d.text for d in docs] == ["You idiot. Nice day."]
-    from phf.data.corpus import _hub_rows, validate_row
+    from phf.data.corpus import hub_rows, validate_row
 
-    [(hub_row, where)] = list(_hub_rows(str(src), "train"))
+    [(hub_row, where, _)] = list(hub_rows(str(src), "train"))
     assert validate_row(hub_row, where).scores == [0.9, 0.01]
 
 

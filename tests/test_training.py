@@ -21,6 +21,26 @@ from phf.tracking import Tracker, TrackingServerUnreachable
 from tests.conftest import TINY_RUN
 
 
+def run_multirun(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`phf -m` on the tiny run, with its MLflow store and sweep directory in ``run_dir``."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "phf.run",
+            "-m",
+            *TINY_RUN,
+            *overrides,
+            f"tracking.uri=sqlite:///{run_dir / 'mlflow.db'}",
+            f"hydra.sweep.dir={run_dir / 'sweep'}",
+        ],
+        cwd=run_dir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def only_run(tracking_uri: str):
     mlflow.set_tracking_uri(tracking_uri)
     runs = mlflow.search_runs(search_all_experiments=True)
@@ -226,19 +246,8 @@ def test_finetune_from_an_mlflow_run_with_kl_to_it(
 
 @pytest.mark.slow
 def test_multirun_measures_kl_to_the_sweeps_mle_run(run_dir: Path, tracking_uri: str) -> None:
-    overrides = [
-        *TINY_RUN,
-        f"tracking.uri={tracking_uri}",
-        "eval.kl_reference=sweep:mle",
-        "eval.kl_samples=8",
-        f"hydra.sweep.dir={run_dir / 'sweep'}",
-    ]
-    result = subprocess.run(
-        [sys.executable, "-m", "phf.run", "-m", "objective=mle,unlikelihood", *overrides],
-        cwd=run_dir,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_multirun(
+        run_dir, "objective=mle,unlikelihood", "eval.kl_reference=sweep:mle", "eval.kl_samples=8"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     mlflow.set_tracking_uri(tracking_uri)
@@ -289,20 +298,9 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(
 
 @pytest.mark.slow
 def test_a_failing_job_does_not_stop_the_sweep(run_dir: Path, tracking_uri: str) -> None:
-    overrides = [
-        *TINY_RUN,
-        f"tracking.uri={tracking_uri}",
-        "train.max_steps=3",
-        "train.eval_steps=100",
-        f"hydra.sweep.dir={run_dir / 'sweep'}",
-    ]
-    result = subprocess.run(
-        # Job 1's learning rate makes its loss NaN; jobs 0 and 2 are fine.
-        [sys.executable, "-m", "phf.run", "-m", "train.lr=1e-3,1e30,2e-3", *overrides],
-        cwd=run_dir,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    # Job 1's learning rate makes its loss NaN; jobs 0 and 2 are fine.
+    result = run_multirun(
+        run_dir, "train.lr=1e-3,1e30,2e-3", "train.max_steps=3", "train.eval_steps=100"
     )
     assert result.returncode != 0  # the sweep reports its failure...
     assert "2 of 3 jobs finished; 1 failed." in result.stdout  # ...after every job ran

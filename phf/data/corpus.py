@@ -75,30 +75,37 @@ def validate_row(row: Any, where: str) -> Document:
     )
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[Any, str]]:
+def file_rows(path: Path) -> Iterator[tuple[Any, str, int]]:
+    """(row, "file, row N", N) for each row of a .jsonl, .jsonl.gz or .parquet file.
+
+    Content problems (bad JSON, not UTF-8) raise DatasetError naming the row; a file that
+    cannot be opened raises OSError, which callers turn into an error or a counted skip.
+    """
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        row_number = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                row_number += 1
+                yield row, f"{path}, row {row_number}", row_number
+        return
     opener = gzip.open if path.suffix == ".gz" else open
+    row_number = 0
     try:
         with opener(path, "rt", encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                where = f"{path}, row {line_number}"
+            for row_number, line in enumerate(f, start=1):
+                where = f"{path}, row {row_number}"
                 if not line.strip():
                     continue
                 try:
-                    yield json.loads(line), where
+                    yield json.loads(line), where, row_number
                 except json.JSONDecodeError as error:
                     raise DatasetError(f"{where}: not valid JSON ({error})") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise DatasetError(f"cannot read {path}: {error}") from error
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[Any, str]]:
-    import pyarrow.parquet as pq
-
-    row_number = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            row_number += 1
-            yield row, f"{path}, row {row_number}"
+    except UnicodeDecodeError as error:
+        raise DatasetError(
+            f"{path}, row {row_number + 1}: not UTF-8 ({error}); re-encode the file as UTF-8"
+        ) from None
 
 
 def _local_split_file(directory: Path, split: str) -> Path:
@@ -147,25 +154,29 @@ def resolve_local_dir(task_name: str, source: str) -> Path | None:
 def iter_documents(task_name: str, source: str, split: str) -> Iterator[Document]:
     """Stream one split of a task's dataset as validated Documents."""
     directory = resolve_local_dir(task_name, source)
-    if directory is not None:
-        path = _local_split_file(directory, split)
-        rows = _parquet_rows(path) if path.suffix == ".parquet" else _jsonl_rows(path)
-    else:
-        rows = _hub_rows(source, split)
-    for row, where in rows:
-        yield validate_row(row, where)
+    rows = (
+        hub_rows(source, split)
+        if directory is None
+        else file_rows(_local_split_file(directory, split))
+    )
+    try:
+        for row, where, _ in rows:
+            yield validate_row(row, where)
+    except OSError as error:  # the file is opened lazily, on the first row
+        raise DatasetError(f"cannot read the {split!r} split of {source}: {error}") from error
 
 
-def _hub_rows(dataset_id: str, split: str) -> Iterator[tuple[Any, str]]:
+def hub_rows(dataset_id: str, split: str) -> Iterator[tuple[Any, str, int]]:
+    """(row, "dataset (split), row N", N) for each row of a Hugging Face hub dataset, streamed."""
     import datasets
 
     try:
         stream = datasets.load_dataset(dataset_id, split=split, streaming=True)
     except Exception as error:  # the hub raises many types; all mean "cannot load it"
         raise DatasetError(
-            f"task.dataset={dataset_id!r} is not a local path and could not be loaded from the "
-            f"Hugging Face hub ({type(error).__name__}: {error}). Use task.dataset=builtin, a "
-            "local directory, or connect to the hub"
+            f"{dataset_id!r} is not a local path and could not be loaded from the Hugging Face "
+            f"hub ({type(error).__name__}: {error}). Use a local path (or task.dataset=builtin), "
+            "or connect to the hub"
         ) from error
     for row_number, row in enumerate(stream, start=1):
-        yield row, f"{dataset_id} ({split}), row {row_number}"
+        yield row, f"{dataset_id} ({split}), row {row_number}", row_number

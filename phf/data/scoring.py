@@ -40,7 +40,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from phf.data.corpus import DatasetError
+from phf.data.corpus import DatasetError, file_rows, hub_rows
 from phf.data.segment import split_lines, split_sentences
 from phf.scorers import Scorer, build_scorer
 
@@ -109,35 +109,6 @@ def _row_text(row: Any, text_field: str, where: str) -> str:
     )
 
 
-def _rows(path: Path) -> Iterator[tuple[Any, int]]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        row_number = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                row_number += 1
-                yield row, row_number
-        return
-    opener = gzip.open if path.suffix == ".gz" else open
-    row_number = 0
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for row_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line), row_number
-                except json.JSONDecodeError as error:
-                    raise DatasetError(
-                        f"{path}, row {row_number}: not valid JSON ({error})"
-                    ) from None
-    except UnicodeDecodeError as error:
-        raise DatasetError(
-            f"{path}, row {row_number + 1}: not UTF-8 ({error}); re-encode the file as UTF-8"
-        ) from None
-
-
 def _file_documents(path: Path, text_field: str, stats: JobStats) -> Iterator[SourceDocument]:
     suffix = _suffix(path)
     if suffix in DOCUMENT_SUFFIXES:
@@ -146,8 +117,7 @@ def _file_documents(path: Path, text_field: str, stats: JobStats) -> Iterator[So
             yield SourceDocument(text=text, source=str(path), row=0)
         return
     try:
-        for row, row_number in _rows(path):
-            where = f"{path}, row {row_number}"
+        for row, where, row_number in file_rows(path):
             yield SourceDocument(_row_text(row, text_field, where), str(path), row_number)
     except OSError as error:
         stats.note("unreadable files", f"{path}: {error.strerror or error}")
@@ -192,17 +162,7 @@ def iter_source_documents(
 
 
 def _hub_documents(dataset_id: str, text_field: str, split: str) -> Iterator[SourceDocument]:
-    import datasets
-
-    try:
-        stream = datasets.load_dataset(dataset_id, split=split, streaming=True)
-    except Exception as error:  # the hub raises many types; all mean "cannot load it"
-        raise DatasetError(
-            f"{dataset_id!r} is not a local path and could not be loaded from the Hugging Face "
-            f"hub ({type(error).__name__}: {error})"
-        ) from error
-    for row_number, row in enumerate(stream, start=1):
-        where = f"{dataset_id} ({split}), row {row_number}"
+    for row, where, row_number in hub_rows(dataset_id, split):
         yield SourceDocument(_row_text(row, text_field, where), dataset_id, row_number)
 
 
