@@ -28,8 +28,9 @@ class Placement:
         return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
 
-def resolve_placement(cfg: DictConfig) -> Placement:
-    """Pick the device and precision; ``auto`` means the GPU in bf16/fp16 if there is one."""
+def resolve_placement(cfg: DictConfig, local_rank: int = 0) -> Placement:
+    """Pick the device and precision; ``auto`` means the GPU in bf16/fp16 if there is one.
+    ``local_rank`` picks the GPU of this process under data parallelism."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device_name = str(cfg.device.value if hasattr(cfg.device, "value") else cfg.device)
@@ -39,7 +40,7 @@ def resolve_placement(cfg: DictConfig) -> Placement:
         raise RuntimeError(
             "hardware.device=cuda but torch sees no CUDA device; use hardware=cpu or hardware=auto"
         )
-    device = torch.device(device_name)
+    device = torch.device(device_name, local_rank) if device_name == "cuda" else torch.device("cpu")
     precision = str(cfg.precision.value if hasattr(cfg.precision, "value") else cfg.precision)
     if precision == "auto":
         if device.type != "cuda":

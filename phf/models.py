@@ -45,14 +45,20 @@ class ValueHead(nn.Module):
         return self.linear(hidden_states).squeeze(-1)
 
 
-def forward(
-    model: PreTrainedModel, value_head: ValueHead | None, input_ids: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits, and values when there is a value head (which reads the last hidden state)."""
-    if value_head is None:
-        return model(input_ids=input_ids).logits, None
-    output = model(input_ids=input_ids, output_hidden_states=True)
-    return output.logits, value_head(output.hidden_states[-1])
+class Network(nn.Module):
+    """The trained modules as one: the LM and, for AWR, its value head. One module, so that
+    DistributedDataParallel can wrap it whole; ``forward`` gives logits and values."""
+
+    def __init__(self, model: PreTrainedModel, value_head: ValueHead | None) -> None:
+        super().__init__()
+        self.model = model
+        self.value_head = value_head
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.value_head is None:
+            return self.model(input_ids=input_ids).logits, None
+        output = self.model(input_ids=input_ids, output_hidden_states=True)
+        return output.logits, self.value_head(output.hidden_states[-1])
 
 
 def _random_gpt2(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:

@@ -21,9 +21,10 @@ from omegaconf import DictConfig
 
 from phf.checkpoints import latest_checkpoint, load_training_state
 from phf.config import CONF_DIR, register_schemas
+from phf.distributed import init_distributed
 from phf.stages.pretrain import run_pretrain
 from phf.sweep import job_info
-from phf.tracking import Tracker, git_commit, read_sweep
+from phf.tracking import NullTracker, Tracker, git_commit, read_sweep
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ def execute(
     error tagged) without raising, so that the sweep's other jobs go on.
     """
     seed_everything(cfg.seed)
+    if not init_distributed().is_main:
+        # A data-parallel process other than rank 0: it trains, rank 0 records.
+        return STAGES[stage_name(cfg)](cfg, NullTracker(), output_dir)
     sweep = read_sweep(Path(job["sweep_dir"])) if job else None
     # Fails here, before any work, if the tracking server is down.
     tracker = Tracker(cfg, experiment=sweep["experiment"] if sweep else None)

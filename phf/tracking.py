@@ -299,3 +299,23 @@ def finish_sweep(sweep_dir: Path) -> tuple[list[dict[str, str]], str]:
         parent, status="FAILED" if failed and len(failed) == len(rows) else "FINISHED"
     )
     return rows, summary
+
+
+class NullTracker:
+    """What the processes other than rank 0 of a data-parallel run track: nothing."""
+
+    run_id = None
+    sweep_dir = None
+    preempted = False
+
+    def log_metrics(self, metrics: Mapping[str, float], tokens_seen: int) -> None:
+        pass
+
+    def log_table(self, table: Mapping[str, list], artifact_file: str) -> None:
+        pass
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
+        pass
+
+    def mark_preempted(self, step: int) -> None:
+        self.preempted = True

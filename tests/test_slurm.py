@@ -135,3 +135,15 @@ def test_a_preempted_job_requeues_resumes_and_ends_like_an_uninterrupted_one(
     for metric in ("train/loss", "eval/lm_loss", "score", "score_max_at_25", "tokens_seen"):
         column = f"metrics.{metric}"
         assert kids.loc["preempted", column] == kids.loc["uninterrupted", column], metric
+
+
+def test_a_job_with_two_tasks_trains_data_parallel(run_dir: Path) -> None:
+    """tasks_per_node=2: SLURM starts two processes, submitit's environment joins them into
+    one process group (gloo on the CPU), and only rank 0 records the run."""
+    result = sweep(run_dir, "hydra.launcher.tasks_per_node=2", "train.max_steps=3")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    _, kids = children(run_dir)
+    assert len(kids) == 1 and kids.status.iloc[0] == "FINISHED"
+    assert kids["metrics.tokens_seen"].iloc[0] == 3 * 4 * 32
+    log = (run_dir / "sweep" / "toxicity" / "mle" / "0" / "phf.log").read_text()
+    assert log.count("in each of 2 processes") == 2  # both ranks set up, one log per job

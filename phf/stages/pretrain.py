@@ -7,6 +7,7 @@ then the loop (evaluate at start, every ``train.eval_steps`` and at the end; che
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
@@ -37,12 +39,20 @@ from phf.data.corpus import Document, iter_documents
 from phf.data.packing import batches, pack_blocks, training_blocks
 from phf.data.prompts import scenario_prompts
 from phf.data.transforms import control_token_ids, document_filter, token_transform
+from phf.distributed import (
+    SINGLE_PROCESS,
+    DistributedContext,
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    init_distributed,
+)
 from phf.evaluation import NO_CONTROLS, Evaluator, GenerationControls, KLReference
 from phf.hardware import Placement, resolve_placement
 from phf.models import (
     VALUE_HEAD_FILE,
+    Network,
     ValueHead,
-    forward,
     load_model_and_tokenizer,
     resolve_source,
     save_value_head,
@@ -78,8 +88,7 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def accumulate_gradients(
-    model: torch.nn.Module,
-    value_head: ValueHead | None,
+    network: torch.nn.Module,
     objective: Objective,
     input_ids: torch.Tensor,
     token_scores: torch.Tensor,
@@ -88,22 +97,31 @@ def accumulate_gradients(
     scaler: torch.amp.GradScaler,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward and backward one batch in ``micro_batches`` pieces; returns the batch-mean loss
-    and metrics (detached tensors: no CPU-GPU sync here)."""
+    and metrics (detached tensors: no CPU-GPU sync here). Under DDP, gradients are averaged
+    across processes only on the last piece (``no_sync`` before it)."""
     step_loss = torch.zeros((), device=input_ids.device)
     step_metrics: dict[str, torch.Tensor] = {}
-    for ids, scores in zip(
-        input_ids.tensor_split(micro_batches),
-        token_scores.tensor_split(micro_batches),
-        strict=True,
-    ):
-        if ids.numel() == 0:
-            continue
-        with placement.autocast():
-            logits, values = forward(model, value_head, ids)
-        loss, metrics = objective.loss(logits, ids, scores, values)
-        # Weigh each micro-batch by its share of the batch so the sum is the batch mean.
-        share = ids.size(0) / input_ids.size(0)
-        scaler.scale(loss * share).backward()
+    pieces = [
+        (ids, scores)
+        for ids, scores in zip(
+            input_ids.tensor_split(micro_batches),
+            token_scores.tensor_split(micro_batches),
+            strict=True,
+        )
+        if ids.numel()
+    ]
+    for index, (ids, scores) in enumerate(pieces):
+        last = index == len(pieces) - 1
+        no_sync = getattr(network, "no_sync", None)
+        with (
+            placement.autocast(),
+            contextlib.nullcontext() if last or no_sync is None else no_sync(),
+        ):
+            logits, values = network(ids)
+            loss, metrics = objective.loss(logits, ids, scores, values)
+            # Weigh each micro-batch by its share of the batch so the sum is the batch mean.
+            share = ids.size(0) / input_ids.size(0)
+            scaler.scale(loss * share).backward()
         step_loss += loss.detach() * share
         for name, value in metrics.items():
             step_metrics[name] = step_metrics.get(name, 0.0) + value * share
@@ -190,12 +208,24 @@ class Training:
     scaler: torch.amp.GradScaler
     max_steps: int
     micro_batches: int
+    network: torch.nn.Module  # model + value head, wrapped in DDP when distributed
+    distributed: DistributedContext = SINGLE_PROCESS
     steps_done: int = 0
     tokens_seen: int = 0
 
     @classmethod
-    def build(cls, cfg: DictConfig, placement: Placement) -> Training:
+    def build(
+        cls,
+        cfg: DictConfig,
+        placement: Placement,
+        distributed: DistributedContext = SINGLE_PROCESS,
+    ) -> Training:
         train = cfg.train
+        if train.batch_size % distributed.world_size:
+            raise ValueError(
+                f"train.batch_size={train.batch_size} must be a multiple of the "
+                f"{distributed.world_size} data-parallel processes"
+            )
         objective = build_objective(cfg.objective)
         model, tokenizer = load_model_and_tokenizer(
             cfg.model, train.block_size, control_tokens=cfg.objective.name == "conditional"
@@ -236,7 +266,14 @@ class Training:
             num_warmup_steps=round(train.warmup_ratio * max_steps),
             num_training_steps=max_steps,
         )
+        network = Network(model, value_head)
+        if distributed.enabled:
+            device_ids = [placement.device.index] if placement.device.type == "cuda" else None
+            network = DistributedDataParallel(network, device_ids=device_ids)
+        per_process_batch = train.batch_size // distributed.world_size
         return cls(
+            network=network,
+            distributed=distributed,
             cfg=cfg,
             placement=placement,
             model=model,
@@ -248,7 +285,7 @@ class Training:
             scheduler=scheduler,
             scaler=placement.grad_scaler(),
             max_steps=max_steps,
-            micro_batches=math.ceil(train.batch_size / cfg.hardware.micro_batch_size),
+            micro_batches=math.ceil(per_process_batch / cfg.hardware.micro_batch_size),
         )
 
     @property
@@ -263,11 +300,12 @@ class Training:
         """One optimizer step; returns the batch loss, the objective's metrics, the grad norm."""
         batch = next(self.train_batches)
         device = self.placement.device
-        input_ids = batch["input_ids"].to(device, non_blocking=True)
-        token_scores = batch["token_scores"].to(device, non_blocking=True)
+        # Every process draws the same global batch and trains on its own slice of it.
+        world, rank = self.distributed.world_size, self.distributed.rank
+        input_ids = batch["input_ids"].tensor_split(world)[rank].to(device, non_blocking=True)
+        token_scores = batch["token_scores"].tensor_split(world)[rank].to(device)
         loss, metrics = accumulate_gradients(
-            self.model,
-            self.value_head,
+            self.network,
             self.objective,
             input_ids,
             token_scores,
@@ -275,6 +313,7 @@ class Training:
             self.placement,
             self.scaler,
         )
+        loss = all_reduce_mean(loss, self.distributed)  # every process sees the same loss
         # One CPU-GPU sync per step: a NaN must stop the run before it reaches the weights.
         if not torch.isfinite(loss).item():
             self.optimizer.zero_grad(set_to_none=True)
@@ -283,14 +322,14 @@ class Training:
                 f"{self.tokens_seen}); lower train.lr or raise train.warmup_ratio"
             )
         self.scaler.unscale_(self.optimizer)
-        parameters = [p for module in self.modules for p in module.parameters()]
+        parameters = list(self.network.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.cfg.train.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
-        self.tokens_seen += input_ids.numel()
+        self.tokens_seen += batch["input_ids"].numel()  # the global batch
         return loss, metrics, grad_norm
 
     def training_state(self, run_id: str | None) -> dict:
@@ -363,13 +402,16 @@ def build_evaluator(cfg: DictConfig, training: Training, tracker: Tracker) -> Ev
 
 def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
     train = cfg.train
-    placement = resolve_placement(cfg.hardware)
-    training = Training.build(cfg, placement)
-    evaluator = build_evaluator(cfg, training, tracker)
+    distributed = init_distributed()
+    placement = resolve_placement(cfg.hardware, distributed.local_rank)
+    training = Training.build(cfg, placement, distributed)
+    # Only the main process evaluates, logs and writes checkpoints.
+    main = distributed.is_main
+    evaluator = build_evaluator(cfg, training, tracker) if main else None
     model = training.model
     log.info(
         "model: %.2fM parameters on %s (%s)%s; %d steps x %d sequences x %d tokens "
-        "(%d micro-batches of <= %d per step)",
+        "(%d micro-batches of <= %d per step%s)",
         sum(p.numel() for p in model.parameters()) / 1e6,
         placement.device,
         placement.precision,
@@ -379,11 +421,14 @@ def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
         train.block_size,
         training.micro_batches,
         cfg.hardware.micro_batch_size,
+        f", in each of {distributed.world_size} processes" if distributed.enabled else "",
     )
-    last_metrics: dict[str, float] = {}
+    last_metrics: dict[str, float] = {"score": float("nan")}
 
     def run_eval(step: int) -> None:
         nonlocal last_metrics
+        if evaluator is None:
+            return
         last_metrics, tables = evaluator.evaluate(model)
         tracker.log_metrics(last_metrics, training.tokens_seen)
         for name, table in tables.items():
@@ -399,11 +444,14 @@ def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
         )
 
     def checkpoint(step: int) -> None:
-        state = training.training_state(tracker.run_id)
-        directory = save_checkpoint(output_dir, step, training.save, state, train.save_total_limit)
-        log.debug("checkpoint %s", directory)
+        if main:
+            state = training.training_state(tracker.run_id)
+            save_checkpoint(output_dir, step, training.save, state, train.save_total_limit)
+        barrier(distributed)  # no process runs ahead of a checkpoint it may resume from
 
-    resume_from = latest_checkpoint(output_dir) if train.resume else None
+    # Rank 0 decides: every process resumes from the checkpoint it wrote.
+    resume_from = latest_checkpoint(output_dir) if train.resume and main else None
+    resume_from = broadcast_object(resume_from, distributed)
     if resume_from is not None:
         training.restore(resume_from)
         log.info("resumed from %s (step %d)", resume_from, training.steps_done)
@@ -465,9 +513,10 @@ def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
                 guard.hand_over()  # requeue and exit (submitit), or raise Preempted
     progress.close()
 
-    final_dir = output_dir / "model"
-    training.save(final_dir)
-    if cfg.tracking.log_model:
-        tracker.log_artifacts(final_dir, "model")
-    log.info("final model saved to %s", final_dir)
+    if main:
+        final_dir = output_dir / "model"
+        training.save(final_dir)
+        if cfg.tracking.log_model:
+            tracker.log_artifacts(final_dir, "model")
+        log.info("final model saved to %s", final_dir)
     return last_metrics["score"]
