@@ -82,3 +82,14 @@ def broadcast_object(value: object, context: DistributedContext) -> object:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def any_process(flag: bool, context: DistributedContext) -> bool:
+    """True in every process if it is True in any (e.g. one of them got the preemption signal),
+    so that all of them take the same branch to a collective checkpoint."""
+    if not context.enabled:
+        return flag
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -57,9 +57,9 @@ class PreemptionGuard:
         return self.pending is not None
 
     def hand_over(self) -> None:
-        """Pass the deferred signal on: submitit requeues the job and exits the process."""
-        assert self.pending is not None
-        signum, frame = self.pending
+        """Pass the deferred signal on: submitit requeues the job and exits the process.
+        (A data-parallel process that did not get the signal itself stops too.)"""
+        signum, frame = self.pending or (PREEMPTION_SIGNAL, None)
         signal.signal(PREEMPTION_SIGNAL, self._previous)
         if callable(self._previous):
             self._previous(signum, frame)  # submitit: requeue, then sys.exit

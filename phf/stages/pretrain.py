@@ -43,6 +43,7 @@ from phf.distributed import (
     SINGLE_PROCESS,
     DistributedContext,
     all_reduce_mean,
+    any_process,
     barrier,
     broadcast_object,
     init_distributed,
@@ -505,9 +506,10 @@ def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
                 window_seconds, window_tokens, window_metrics = 0.0, 0, {}
             if step % train.eval_steps == 0 or step == training.max_steps:
                 run_eval(step)
-            if step % train.save_steps == 0 or step == training.max_steps or guard.requested:
+            preempted = any_process(guard.requested, distributed)
+            if step % train.save_steps == 0 or step == training.max_steps or preempted:
                 checkpoint(step)
-            if guard.requested:
+            if preempted:
                 progress.close()
                 tracker.mark_preempted(step)
                 guard.hand_over()  # requeue and exit (submitit), or raise Preempted
