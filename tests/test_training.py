@@ -76,8 +76,10 @@ def test_cli_two_step_run_trains_and_records_everything(
     assert [m.step for m in history] == [0, 128, 256]  # tokens seen: 2 steps x 4 x 32
     artifacts = {a.path for a in client.list_artifacts(run.run_id)}
     assert {"config.yaml", "hydra", "model", "samples"} <= artifacts
-    tables = [a.path for a in client.list_artifacts(run.run_id, "samples")]
-    assert len(tables) == 3
+    listed = [a.path for a in client.list_artifacts(run.run_id, "samples")]
+    tables = [path for path in listed if path.endswith(".json")]
+    assert len(tables) == 3 and "samples/challenging" in listed  # toxicity's prompted scenario
+    assert len(client.list_artifacts(run.run_id, "samples/challenging")) == 3
     table = mlflow.artifacts.load_dict(f"runs:/{run.run_id}/{tables[-1]}")
     assert table["columns"] == ["prompt", "completion", "score"] and len(table["data"]) == 25
 
