@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import traceback
 import urllib.error
 import urllib.request
@@ -104,11 +105,29 @@ class Tracker:
         """The multirun this run belongs to (its Hydra sweep directory), or None."""
         return self.tags.get("sweep_dir")
 
-    def find_sweep_run(self, objective: str, seed: int) -> str | None:
-        """The FINISHED run of ``objective`` and ``seed`` in this run's multirun, if any."""
-        if self.sweep_dir is None:
-            return None
-        return find_sweep_run(self.experiment_name, self.sweep_dir, objective, seed)
+    def wait_for_sweep_run(self, objective: str, seed: int, timeout_s: float) -> str:
+        """The id of the run of ``objective`` and ``seed`` in this run's multirun, once it has
+        FINISHED: jobs of a parallel launcher may start before it ends, so wait (polling every
+        10 s) up to ``timeout_s``."""
+        assert self.sweep_dir is not None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = find_sweep_run(self.experiment_name, self.sweep_dir, objective, seed)
+            if found is not None and found[1] == "FINISHED":
+                return found[0]
+            if found is not None and found[1] in ("FAILED", "KILLED"):
+                raise RuntimeError(
+                    f"the sweep's {objective} run {found[0]} (seed {seed}) is {found[1]}: "
+                    "there is no reference model to measure KL from"
+                )
+            if time.monotonic() > deadline:
+                state = "has not started" if found is None else f"is still {found[1]}"
+                raise TimeoutError(
+                    f"the sweep's {objective} run (seed {seed}) {state} after {timeout_s:.0f} s; "
+                    f"list {objective} first among the sweep's values so that it runs first, "
+                    "or raise eval.kl_reference_timeout_min"
+                )
+            time.sleep(10)
 
     @property
     def tracking_uri(self) -> str:
@@ -208,18 +227,21 @@ def download_model(uri: str) -> Path:
         ) from error
 
 
-def find_sweep_run(experiment: str, sweep_dir: str, objective: str, seed: int) -> str | None:
-    """The id of the FINISHED run of ``objective`` and ``seed`` in the multirun ``sweep_dir``."""
+def find_sweep_run(
+    experiment: str, sweep_dir: str, objective: str, seed: int
+) -> tuple[str, str] | None:
+    """(run id, status) of the newest run of ``objective`` and ``seed`` in the multirun
+    ``sweep_dir``, or None when it has not started."""
     found = mlflow.search_runs(
         experiment_names=[experiment],
         filter_string=(
             f"tags.sweep_dir = '{sweep_dir}' and tags.objective = '{objective}' "
-            f"and tags.seed = '{seed}' and attributes.status = 'FINISHED'"
+            f"and tags.seed = '{seed}'"
         ),
-        order_by=["attributes.end_time DESC"],
+        order_by=["attributes.start_time DESC"],
         max_results=1,
     )
-    return None if found.empty else str(found.run_id.iloc[0])
+    return None if found.empty else (str(found.run_id.iloc[0]), str(found.status.iloc[0]))
 
 
 SWEEP_FILE = "mlflow_sweep.json"  # in the Hydra sweep directory: the parent run of a multirun

@@ -14,8 +14,12 @@ import time
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 
+from multirun_analysis.__main__ import main as analysis_main
+from multirun_analysis.plots import curve_plot, pareto_plot
+from multirun_analysis.summary import load_runs
 from tests.conftest import TINY_RUN
 
 pytestmark = pytest.mark.slow
@@ -97,6 +101,38 @@ def test_a_2x2_sweep_runs_as_slurm_jobs_under_one_parent_run(run_dir: Path) -> N
     assert kids["tags.signature"].nunique() == 2
     # Each job ran in SLURM: submitit wrote its logs in the sweep's .submitit folder.
     assert len(list((run_dir / "sweep" / ".submitit").glob("*/*_log.out"))) == 4
+
+    # multirun_analysis on this real sweep, by its id: 2 configurations x 2 seeds.
+    out = run_dir / "analysis"
+    code = analysis_main(
+        [
+            parent.run_id,
+            "--tracking-uri",
+            f"sqlite:///{run_dir / 'mlflow.db'}",
+            "--metrics",
+            "score",
+            "eval/lm_loss",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    table = pd.read_csv(out / "summary.csv").set_index("objective.name")
+    assert list(table.index) == ["mle", "unlikelihood"] and list(table["n"]) == [2, 2]
+    for objective, group in kids.groupby("tags.objective"):
+        assert table.loc[objective, "score mean"] == pytest.approx(group["metrics.score"].mean())
+        assert table.loc[objective, "eval/lm_loss std"] == pytest.approx(
+            group["metrics.eval/lm_loss"].std()
+        )
+    pareto = pareto_plot(load_runs(parent.run_id), "eval/lm_loss").axes[0]
+    assert len([line for line in pareto.lines if line.get_marker() == "o"]) == 2
+    curves = curve_plot(load_runs(parent.run_id)).axes[0]
+    assert {line.get_label() for line in curves.lines} == {
+        "objective.name=mle",
+        "objective.name=unlikelihood",
+    }
+    assert all(list(line.get_xdata()) == [0, 128, 256] for line in curves.lines)
+    assert (out / "pareto.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
 
 
 def test_a_preempted_job_requeues_resumes_and_ends_like_an_uninterrupted_one(

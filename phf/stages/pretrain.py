@@ -157,14 +157,8 @@ def load_kl_reference(
             return None
         if tracker.sweep_dir is None:
             raise ValueError(f"eval.kl_reference={source} needs a multirun (phf -m ...)")
-        run_id = tracker.find_sweep_run(objective, cfg.seed)
-        if run_id is None:
-            raise ValueError(
-                f"eval.kl_reference={source}: no FINISHED {objective} run with seed {cfg.seed} in "
-                f"this multirun ({tracker.sweep_dir}); list {objective} first among the sweep's "
-                "objectives, so that it runs before the others"
-            )
-        source = f"runs:/{run_id}/model"
+        timeout_s = 60.0 * cfg.eval.kl_reference_timeout_min
+        source = f"runs:/{tracker.wait_for_sweep_run(objective, cfg.seed, timeout_s)}/model"
     reference_source = resolve_source(source)
     reference_tokenizer = load_tokenizer(reference_source)
     vocab = tokenizer.get_vocab()
