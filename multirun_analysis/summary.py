@@ -125,6 +125,9 @@ def to_markdown(table: pd.DataFrame, digits: int = 4) -> str:
         cells = [str(row[k]) for k in keys]
         for metric in metrics:
             mean, std = row[f"{metric} mean"], row[f"{metric} std"]
+            if pd.isna(mean):  # not logged by this configuration (e.g. KL of the reference)
+                cells.append("—")
+                continue
             cell = f"{mean:.{digits}f}"
             if pd.notna(std):
                 cell += f" ± {std:.{digits}f}"

@@ -10,7 +10,7 @@ import pytest
 
 from multirun_analysis.__main__ import main
 from multirun_analysis.plots import curve_plot, pareto_plot
-from multirun_analysis.summary import NoRunsFound, load_runs, summarize
+from multirun_analysis.summary import NoRunsFound, load_runs, summarize, to_markdown
 
 
 @pytest.fixture
@@ -47,6 +47,17 @@ def test_summary_groups_seeds_of_one_configuration(store: str) -> None:
     assert mle["score mean"] == pytest.approx(0.3)
     assert mle["score std"] == pytest.approx(0.1414213, rel=1e-5)  # sample std of 0.2, 0.4
     assert mle["eval/lm_loss mean"] == pytest.approx(3.5)
+
+
+def test_a_metric_a_configuration_did_not_log_shows_as_a_dash() -> None:
+    runs = pd.DataFrame(
+        {
+            "params.objective.name": ["mle", "awr"],
+            "metrics.kl": [float("nan"), 2.5],
+        }
+    )
+    lines = to_markdown(summarize(runs, ["kl"])).splitlines()
+    assert lines[2:] == ["| awr | 1 | 2.5000 |", "| mle | 1 | — |"]
 
 
 def test_a_second_varying_param_is_kept() -> None:
