@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,20 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="phf-tests-hf-home-")
+
+
+def multirun_command(run_dir: Path, *overrides: str) -> list[str]:
+    """`phf -m` on the tiny run, with its MLflow store and sweep directory in ``run_dir``."""
+    return [
+        sys.executable,
+        "-m",
+        "phf.run",
+        "-m",
+        *TINY_RUN,
+        *overrides,
+        f"tracking.uri=sqlite:///{run_dir / 'mlflow.db'}",
+        f"hydra.sweep.dir={run_dir / 'sweep'}",
+    ]
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 from multirun_analysis.__main__ import main as analysis_main
 from multirun_analysis.plots import curve_plot, pareto_plot
 from multirun_analysis.summary import load_runs
-from tests.conftest import TINY_RUN
+from tests.conftest import multirun_command
 
 pytestmark = pytest.mark.slow
 
@@ -57,20 +56,10 @@ def slurm_cluster() -> None:
 def sweep(
     run_dir: Path, *overrides: str, wait: bool = True
 ) -> subprocess.Popen | subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "phf.run",
-        "-m",
-        *TINY_RUN,
-        *LOCAL_SLURM,
-        *overrides,
-        f"tracking.uri=sqlite:///{run_dir / 'mlflow.db'}",
-        f"hydra.sweep.dir={run_dir / 'sweep'}",
-    ]
+    command = multirun_command(run_dir, *LOCAL_SLURM, *overrides)
     if wait:
         return subprocess.run(command, cwd=run_dir, capture_output=True, text=True, timeout=600)
-    log = open(run_dir / "sweep.log", "w")  # noqa: SIM115 - closed by the caller's process end
+    log = open(run_dir / "sweep.log", "w")  # noqa: SIM115 - the sweep process owns it
     return subprocess.Popen(command, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT)
 
 

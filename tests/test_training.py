@@ -18,22 +18,12 @@ from phf.models import load_model_and_tokenizer
 from phf.run import execute, seed_everything
 from phf.stages.pretrain import NonFiniteLossError, Training
 from phf.tracking import Tracker, TrackingServerUnreachable
-from tests.conftest import TINY_RUN
+from tests.conftest import TINY_RUN, multirun_command
 
 
 def run_multirun(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """`phf -m` on the tiny run, with its MLflow store and sweep directory in ``run_dir``."""
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "phf.run",
-            "-m",
-            *TINY_RUN,
-            *overrides,
-            f"tracking.uri=sqlite:///{run_dir / 'mlflow.db'}",
-            f"hydra.sweep.dir={run_dir / 'sweep'}",
-        ],
+        multirun_command(run_dir, *overrides),
         cwd=run_dir,
         capture_output=True,
         text=True,
