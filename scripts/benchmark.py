@@ -21,6 +21,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
 
@@ -204,9 +205,22 @@ LOCAL_SLURM = [
 ]
 
 
+def _job_process_starts(sweep_dir: Path) -> list[datetime]:
+    """When each SLURM job's process began: the first line submitit's job log writes."""
+    starts = []
+    for log in sorted((sweep_dir / ".submitit").glob("*/*_0_log.out")):
+        first = log.read_text().splitlines()[0]  # "submitit INFO (2026-11-21 06:50:07,451) - ..."
+        stamp = first[first.index("(") + 1 : first.index(")")]
+        starts.append(datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f"))
+    return starts
+
+
 def benchmark_launch(n_jobs: int) -> None:
-    """Per-job launch overhead of a sweep: its wall time beyond the jobs' own work (their MLflow
-    runs' durations), from the marginal cost of n_jobs jobs over one job, jobs one at a time."""
+    """Per-job launch overhead of a sweep: its wall time beyond the jobs' own work, from the
+    marginal cost of n_jobs jobs over one job, jobs one at a time. A job's own work is its
+    MLflow run for the basic launcher (jobs share the launching process) and, on SLURM, its
+    whole process, from start (submitit's first log line) to the end of its run: importing
+    torch and the rest is work any job does, however it is launched."""
     import mlflow
 
     launchers = {"local (basic launcher)": []}
@@ -236,13 +250,21 @@ def benchmark_launch(n_jobs: int) -> None:
                 walls[n] = time.perf_counter() - start
                 mlflow.set_tracking_uri(uri)
                 runs = mlflow.search_runs(search_all_experiments=True)
-                runs = runs[runs["tags.sweep"] != "parent"]
-                own[n] = float((runs.end_time - runs.start_time).dt.total_seconds().sum())
+                runs = runs[runs["tags.sweep"] != "parent"].sort_values("start_time")
+                ends = runs.end_time.dt.tz_convert(None).dt.tz_localize(None)
+                if extra:  # SLURM: from each job process's start
+                    local = [
+                        s.astimezone().astimezone(timezone.utc).replace(tzinfo=None)
+                        for s in _job_process_starts(Path(tmp) / "sweep")
+                    ]
+                    own[n] = sum((e - s).total_seconds() for e, s in zip(ends, local, strict=True))
+                else:
+                    own[n] = float((runs.end_time - runs.start_time).dt.total_seconds().sum())
         marginal = (walls[n_jobs] - walls[1]) / (n_jobs - 1)
         own_per_job = (own[n_jobs] - own[1]) / (n_jobs - 1)
         print(
             f"launch overhead, {name}: {marginal - own_per_job:.2f} s per job beyond its own "
-            f"work ({marginal:.2f} s per extra job, of which {own_per_job:.2f} s in its run)"
+            f"work ({marginal:.2f} s per extra job, of which {own_per_job:.2f} s its own work)"
         )
 
 
