@@ -2,11 +2,13 @@
 
 Layout: ``<output_dir>/checkpoints/step_000100/`` holds the ``save_pretrained`` model and
 tokenizer, ``config.yaml`` (the composed config, seed included) and ``training_state.pt``
-(optimizer, scheduler, step, tokens seen, RNG states) so that a run can be resumed.
+(optimizer, scheduler, step, tokens seen, RNG states) so that a run can be resumed, and
+``checkpoint.json`` (the MLflow run it belongs to).
 """
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from collections.abc import Callable
@@ -52,6 +54,8 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 
 TRAINING_STATE_FILE = "training_state.pt"
+# Small facts about a checkpoint (its MLflow run), readable without loading the optimizer state.
+CHECKPOINT_INFO_FILE = "checkpoint.json"
 
 
 def save_checkpoint(
@@ -60,6 +64,7 @@ def save_checkpoint(
     save_model: Callable[[Path], None],
     training_state: dict[str, Any],
     keep: int,
+    info: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``checkpoints/step_<step>`` (``save_model(directory)`` writes the weights, tokenizer
     and config; the training state and RNG states go beside them) and delete all but the
@@ -75,6 +80,7 @@ def save_checkpoint(
         shutil.rmtree(partial)
     save_model(partial)
     torch.save({**training_state, "rng": rng_states()}, partial / TRAINING_STATE_FILE)
+    (partial / CHECKPOINT_INFO_FILE).write_text(json.dumps(info or {}))
     if directory.exists():
         shutil.rmtree(directory)
     partial.rename(directory)
@@ -91,6 +97,12 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
         if (d / TRAINING_STATE_FILE).is_file()
     ]
     return complete[-1] if complete else None
+
+
+def checkpoint_info(directory: Path) -> dict[str, Any]:
+    """What save_checkpoint recorded in ``info`` (e.g. the MLflow run id), or {}."""
+    path = directory / CHECKPOINT_INFO_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def load_training_state(directory: Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from phf.checkpoints import latest_checkpoint, load_training_state
+from phf.checkpoints import checkpoint_info, latest_checkpoint
 from phf.config import CONF_DIR, register_schemas
 from phf.distributed import init_distributed
 from phf.stages.pretrain import run_pretrain
@@ -79,7 +79,7 @@ def execute(
     overrides_yaml = yaml.safe_dump(list(overrides), default_flow_style=False)
     # A run resumed from a checkpoint goes on in the MLflow run that wrote the checkpoint.
     checkpoint = latest_checkpoint(output_dir) if cfg.train.resume else None
-    resumed_run_id = load_training_state(checkpoint).get("mlflow_run_id") if checkpoint else None
+    resumed_run_id = checkpoint_info(checkpoint).get("mlflow_run_id") if checkpoint else None
     try:
         with tracker.run(
             run_name, tags, {"hydra/overrides.yaml": overrides_yaml}, resume_run_id=resumed_run_id

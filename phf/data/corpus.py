@@ -120,7 +120,8 @@ def _local_split_file(directory: Path, split: str) -> Path:
     )
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
+    """A path (existing, or spelt like one), as opposed to a hub dataset id."""
     return source.startswith(("/", "./", "../", "~")) or os.path.exists(source)
 
 
@@ -135,7 +136,7 @@ def resolve_local_dir(task_name: str, source: str) -> Path | None:
                 "set task.dataset to a local directory or a hub dataset id"
             )
         return directory
-    if _looks_like_path(source):
+    if looks_like_path(source):
         directory = Path(source).expanduser()
         if not directory.exists():
             raise DatasetError(

@@ -40,7 +40,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from phf.data.corpus import DatasetError, file_rows, hub_rows
+from phf.data.corpus import DatasetError, file_rows, hub_rows, looks_like_path
 from phf.data.segment import split_lines, split_sentences
 from phf.scorers import Scorer, build_scorer
 
@@ -155,7 +155,7 @@ def iter_source_documents(
                 f"{path}: unsupported file type; use {', '.join(DOCUMENT_SUFFIXES + ROW_SUFFIXES)}"
             )
         yield from _file_documents(path, text_field, stats)
-    elif source.startswith(("/", "./", "../", "~")):
+    elif looks_like_path(source):
         raise DatasetError(f"{path} does not exist")
     else:
         yield from _hub_documents(source, text_field, split)

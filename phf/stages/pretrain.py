@@ -327,14 +327,13 @@ class Training:
         self.tokens_seen += batch["input_ids"].numel()  # the global batch
         return loss, metrics, grad_norm
 
-    def training_state(self, run_id: str | None) -> dict:
+    def training_state(self) -> dict:
         return {
             "step": self.steps_done,
             "tokens_seen": self.tokens_seen,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "mlflow_run_id": run_id,
         }
 
     def restore(self, directory: Path) -> None:
@@ -440,8 +439,14 @@ def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
 
     def checkpoint(step: int) -> None:
         if main:
-            state = training.training_state(tracker.run_id)
-            save_checkpoint(output_dir, step, training.save, state, train.save_total_limit)
+            save_checkpoint(
+                output_dir,
+                step,
+                training.save,
+                training.training_state(),
+                train.save_total_limit,
+                info={"mlflow_run_id": tracker.run_id},
+            )
         barrier(distributed)  # no process runs ahead of a checkpoint it may resume from
 
     # Rank 0 decides: every process resumes from the checkpoint it wrote.
