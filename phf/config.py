@@ -21,7 +21,9 @@ from omegaconf import MISSING, DictConfig
 class Stage(str, Enum):
     """What a run does; each stage is one module under phf/stages."""
 
-    pretrain = "pretrain"
+    pretrain = "pretrain"  # PHF objectives on scored documents (phf/stages/pretrain.py)
+    reward = "reward"  # a reward model from preference data (phf/stages/reward.py)
+    ppo = "ppo"  # PPO against a reward model or a scorer (phf/stages/ppo.py)
 
 
 class Device(str, Enum):
@@ -91,7 +93,10 @@ class ObjectiveConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    # HF hub id or local path of pretrained weights; null = random init from `architecture`.
+    # HF hub id, local path or MLflow model URI (runs:/<run id>/model) of pretrained weights, or
+    # sweep:<objective> for the model of that objective's run in the same multirun and seed (a
+    # run of that objective itself starts from `architecture`); null = random init from
+    # `architecture`.
     # Mandatory (no default) so that model=pretrained without a path fails instead of training
     # a random model.
     pretrained: str | None = MISSING
@@ -201,6 +206,85 @@ class EvalConfig:
     samples_table_rows: int = 100
 
 
+class PreferenceFormat(str, Enum):
+    auto = "auto"  # told apart by each row's columns
+    pairwise = "pairwise"  # prompt, chosen, rejected (and optionally margin)
+    hh = "hh"  # chosen, rejected: \n\nHuman: / \n\nAssistant: transcripts (Anthropic/hh-rlhf)
+    best_of_n = "best_of_n"  # query, sample0..sampleN-1, best (OpenAI's lm-human-preferences)
+
+
+class Overlong(str, Enum):
+    truncate = "truncate"  # keep the first token and the last max_length - 1: the response's end
+    drop = "drop"  # leave the comparison out
+
+
+@dataclass
+class RewardConfig:
+    """objective=reward: a reward model trained on preference comparisons (phf/stages/reward.py).
+    Optimizer keys (lr, batch_size in comparisons, eval_steps, ...) come from ``train``."""
+
+    # builtin: pairs derived from the task's scored corpus (phf/data/preferences.py) | a local
+    # .jsonl/.jsonl.gz/.parquet file (every 10th row held out) or a directory of <split> files |
+    # a hub dataset id (Anthropic/hh-rlhf)
+    dataset: str = "builtin"
+    format: PreferenceFormat = PreferenceFormat.auto
+    train_split: str = "train"
+    test_split: str = "test"
+    max_length: int = 128  # tokens of EOS + prompt + response + EOS
+    overlong: Overlong = Overlong.truncate
+    epochs: float = 3.0  # passes over the train split; train.max_steps, when set, wins
+    margin: float = 0.0  # pairwise: -log sigmoid(r_chosen - r_rejected - margin - row margin)
+    # Adds coef * (sum of a comparison's rewards)^2, keeping rewards centred on 0.
+    center_rewards_coef: float = 0.0
+    max_eval_comparisons: int = 1000
+    # Gain and bias so that rewards of policy samples have mean 0 and std 1, stored with the
+    # model. The policy is `normalization_policy` (a model source), or null = model.pretrained;
+    # with neither (a randomly initialised trunk), the train split's responses stand in.
+    normalize: bool = True
+    normalization_policy: str | None = None
+    normalization_samples: int = 256
+
+
+@dataclass
+class PPOConfig:
+    """objective=ppo: PPO of the policy model.pretrained against a reward (phf/stages/ppo.py).
+    The policy is the LM with a value head on its last hidden state (one trunk); the frozen
+    reference is the initial policy. Optimizer keys (lr, max_grad_norm, ...) come from ``train``;
+    train.max_steps, when set, counts rollouts."""
+
+    # A reward model (local path, runs:/<run id>/model, or sweep:reward), or null = the task's
+    # scorer, reward = -score.
+    reward_model: str | None = None
+    # Prompts of the rollouts: none (from EOS), misaligned_prefixes, function_signatures, or a
+    # text file with one prompt per line (as evaluation scenarios).
+    prompts: str = "none"
+    score_prompt: bool = False  # the scorer reads prompt + response (code: signature + body)
+    total_episodes: int = 16384
+    rollout_batch_size: int = 64  # episodes generated per PPO iteration
+    mini_batch_size: int = 16  # episodes per optimizer step
+    ppo_epochs: int = 4  # passes over each rollout batch
+    response_length: int = 48  # tokens
+    temperature: float = 1.0
+    # Responses end at this token (eos, or any single token of the vocabulary) or after
+    # response_length tokens; null = always response_length tokens.
+    stop_token: str | None = "eos"
+    # Subtracted from the score of a response that never reached stop_token; null = none.
+    missing_stop_penalty: float | None = 1.0
+    kl_coef: float = 0.05  # beta of the per-token penalty -beta * (log pi - log pi_ref)
+    # Adaptive beta (Ziegler et al. 2019): steers the KL per episode towards target_kl.
+    adaptive_kl: bool = False
+    target_kl: float = 6.0
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    eval_rollouts: int = 25  # evaluate every this many rollouts (and at start and end)
+    samples_table_rows: int = 32  # rollout samples logged at each evaluation
+
+
 @dataclass
 class PhfConfig:
     task: TaskConfig = MISSING
@@ -211,6 +295,8 @@ class PhfConfig:
     tracking: TrackingConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     seed: int = 0
 
 

@@ -136,3 +136,17 @@ def load_model_and_tokenizer(
 
 def save_value_head(value_head: ValueHead, directory: Path) -> None:
     torch.save(value_head.state_dict(), directory / VALUE_HEAD_FILE)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The position of each row's last real token (mask 1), under left or right padding alike:
+    a sequence-level quantity (a reward, a score) belongs there, never on a pad token, which
+    may well have the same id as EOS."""
+    positions = torch.arange(attention_mask.size(-1), device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(dim=-1)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, so that a left-padded row is seen exactly as the
+    same row unpadded (what ``generate`` does internally)."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)

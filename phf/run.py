@@ -22,7 +22,10 @@ from omegaconf import DictConfig
 from phf.checkpoints import checkpoint_info, latest_checkpoint
 from phf.config import CONF_DIR, register_schemas
 from phf.distributed import init_distributed
+from phf.stages.common import resolve_sweep_references
+from phf.stages.ppo import run_ppo
 from phf.stages.pretrain import run_pretrain
+from phf.stages.reward import run_reward
 from phf.sweep import job_info
 from phf.tracking import NullTracker, Tracker, git_commit, read_sweep
 
@@ -30,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # objective.stage -> the function that runs it. Only stages that exist are listed; the Stage enum
 # in phf/config.py makes Hydra refuse any other value at compose time.
-STAGES = {"pretrain": run_pretrain}
+STAGES = {"pretrain": run_pretrain, "reward": run_reward, "ppo": run_ppo}
 
 register_schemas()
 
@@ -85,6 +88,9 @@ def execute(
             run_name, tags, {"hydra/overrides.yaml": overrides_yaml}, resume_run_id=resumed_run_id
         ):
             log.info("output directory: %s", output_dir)
+            # Earlier runs this one builds on (sweep:<objective> becomes runs:/<id>/model),
+            # recorded so that the MLflow UI links each run of a pipeline to the next.
+            tracker.record_lineage(resolve_sweep_references(cfg, tracker))
             return STAGES[stage_name(cfg)](cfg, tracker, output_dir)
     except Exception:
         if job is None:

@@ -176,9 +176,30 @@ class Tracker:
         else:
             mlflow.end_run(status="FINISHED")
 
-    def log_metrics(self, metrics: Mapping[str, float], tokens_seen: int) -> None:
-        """One batched call: over HTTP each call costs ~50 ms."""
-        mlflow.log_metrics({**metrics, "tokens_seen": float(tokens_seen)}, step=int(tokens_seen))
+    def log_metrics(
+        self, metrics: Mapping[str, float], step: int, step_name: str = "tokens_seen"
+    ) -> None:
+        """One batched call (over HTTP each call costs ~50 ms). ``step`` is MLflow's x axis and
+        is logged as the metric ``step_name`` too: tokens_seen for pretraining, comparisons_seen
+        for reward models, episodes for PPO."""
+        mlflow.log_metrics({**metrics, step_name: float(step)}, step=int(step))
+
+    def record_lineage(self, lineage: Mapping[str, str]) -> None:
+        """Tag the runs this run builds on ({config key: runs:/<id>/...}) and write a note, shown
+        on the run's page in the MLflow UI, that links to each of them."""
+        if not lineage:
+            return
+        tags, lines = {}, ["Built on:"]
+        for key, uri in lineage.items():
+            run_id = uri.removeprefix("runs:/").split("/", 1)[0]
+            tags[f"phf.lineage.{key}"] = run_id
+            try:
+                experiment_id = mlflow.get_run(run_id).info.experiment_id
+                link = f"[{run_id}](#/experiments/{experiment_id}/runs/{run_id})"
+            except mlflow.exceptions.MlflowException:
+                link = run_id  # a run of another store: its id is all there is
+            lines.append(f"- `{key}`: {link} (`{uri}`)")
+        mlflow.set_tags({**tags, "mlflow.note.content": "\n".join(lines)})
 
     def log_table(self, table: Mapping[str, list], artifact_file: str) -> None:
         mlflow.log_table(data=dict(table), artifact_file=artifact_file)
@@ -330,7 +351,9 @@ class NullTracker:
     sweep_dir = None
     preempted = False
 
-    def log_metrics(self, metrics: Mapping[str, float], tokens_seen: int) -> None:
+    def log_metrics(
+        self, metrics: Mapping[str, float], step: int, step_name: str = "tokens_seen"
+    ) -> None:
         pass
 
     def log_table(self, table: Mapping[str, list], artifact_file: str) -> None:

@@ -108,7 +108,7 @@ def file_rows(path: Path) -> Iterator[tuple[Any, str, int]]:
         ) from None
 
 
-def _local_split_file(directory: Path, split: str) -> Path:
+def local_split_file(directory: Path, split: str) -> Path:
     for suffix in SPLIT_SUFFIXES:
         candidate = directory / f"{split}{suffix}"
         if candidate.is_file():
@@ -158,7 +158,7 @@ def iter_documents(task_name: str, source: str, split: str) -> Iterator[Document
     rows = (
         hub_rows(source, split)
         if directory is None
-        else file_rows(_local_split_file(directory, split))
+        else file_rows(local_split_file(directory, split))
     )
     try:
         for row, where, _ in rows:

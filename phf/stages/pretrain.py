@@ -14,11 +14,10 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import (
@@ -36,9 +35,8 @@ from phf.checkpoints import (
     save_pretrained,
 )
 from phf.data.corpus import Document, iter_documents
-from phf.data.packing import batches, pack_blocks, training_blocks
-from phf.data.prompts import scenario_prompts
-from phf.data.transforms import control_token_ids, document_filter, token_transform
+from phf.data.packing import batches, training_blocks
+from phf.data.transforms import document_filter, token_transform
 from phf.distributed import (
     SINGLE_PROCESS,
     DistributedContext,
@@ -48,20 +46,17 @@ from phf.distributed import (
     broadcast_object,
     init_distributed,
 )
-from phf.evaluation import NO_CONTROLS, Evaluator, GenerationControls, KLReference
 from phf.hardware import Placement, resolve_placement
 from phf.models import (
     VALUE_HEAD_FILE,
     Network,
     ValueHead,
     load_model_and_tokenizer,
-    resolve_source,
     save_value_head,
 )
 from phf.objectives import Objective, build_objective
 from phf.preemption import PreemptionGuard
-from phf.scorers import build_scorer
-from phf.tokenizer import load_tokenizer
+from phf.stages.common import build_evaluator, load_kl_reference
 from phf.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -127,59 +122,6 @@ def accumulate_gradients(
         for name, value in metrics.items():
             step_metrics[name] = step_metrics.get(name, 0.0) + value * share
     return step_loss, step_metrics
-
-
-def generation_controls(
-    objective: DictConfig, tokenizer: PreTrainedTokenizerBase
-) -> GenerationControls:
-    """Conditional training samples after <|aligned|> and never samples a control token."""
-    if objective.name != "conditional":
-        return NO_CONTROLS
-    aligned, misaligned = control_token_ids(tokenizer)
-    return GenerationControls(prefix_ids=(aligned,), suppress_ids=(aligned, misaligned))
-
-
-def load_kl_reference(
-    cfg: DictConfig,
-    tokenizer: PreTrainedTokenizerBase,
-    placement: Placement,
-    tracker: Tracker,
-) -> KLReference | None:
-    """Samples of ``eval.kl_reference`` for the KL metric, or None when there is none (or when
-    ``sweep:<objective>`` names this run's own objective: it is the reference)."""
-    source = cfg.eval.kl_reference
-    if source is None:
-        return None
-    if source.startswith("sweep:"):
-        objective = source.removeprefix("sweep:")
-        if objective == cfg.objective.name:
-            log.info("this run is the KL reference (%s): no KL is logged", source)
-            return None
-        if tracker.sweep_dir is None:
-            raise ValueError(f"eval.kl_reference={source} needs a multirun (phf -m ...)")
-        timeout_s = 60.0 * cfg.eval.kl_reference_timeout_min
-        source = f"runs:/{tracker.wait_for_sweep_run(objective, cfg.seed, timeout_s)}/model"
-    reference_source = resolve_source(source)
-    reference_tokenizer = load_tokenizer(reference_source)
-    vocab = tokenizer.get_vocab()
-    if any(vocab.get(token) != index for token, index in reference_tokenizer.get_vocab().items()):
-        raise ValueError(
-            f"eval.kl_reference={cfg.eval.kl_reference}: its tokenizer differs from the model's, "
-            "so their probabilities of one token sequence cannot be compared"
-        )
-    reference = AutoModelForCausalLM.from_pretrained(reference_source).to(placement.device)
-    generation = cfg.eval.generation
-    kl_reference = KLReference.sample(
-        reference,
-        tokenizer,
-        cfg.eval.kl_samples,
-        generation.max_new_tokens,
-        generation.batch_size,
-        placement,
-        seed=cfg.seed,
-    )
-    del reference  # only its samples and their log-probabilities are kept
-    return kl_reference
 
 
 @dataclass
@@ -364,36 +306,6 @@ class Training:
             save_value_head(self.value_head, directory)
 
 
-def build_evaluator(cfg: DictConfig, training: Training, tracker: Tracker) -> Evaluator:
-    """Held-out blocks in the model's own input format (control tokens included, every segment
-    marked), the prompts of each scenario, the generation controls and the KL reference."""
-    tokenizer = training.tokenizer
-    heldout_transform = token_transform(
-        OmegaConf.merge(cfg.objective, {"drop_token_fraction": 0.0}), tokenizer, cfg.seed
-    )
-    test_documents = iter_documents(cfg.task.name, cfg.task.dataset, cfg.task.test_split)
-    heldout = list(
-        islice(
-            pack_blocks(test_documents, tokenizer, cfg.train.block_size, heldout_transform),
-            cfg.eval.max_blocks,
-        )
-    )
-    prompts = {
-        name: scenario_prompts(scenario, cfg.task, cfg.eval.generation.num_samples)
-        for name, scenario in cfg.task.scenarios.items()
-    }
-    return Evaluator(
-        cfg,
-        tokenizer,
-        build_scorer(cfg.scorer),
-        prompts,
-        heldout,
-        training.placement,
-        generation_controls(cfg.objective, tokenizer),
-        load_kl_reference(cfg, tokenizer, training.placement, tracker),
-    )
-
-
 def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
     train = cfg.train
     distributed = init_distributed()
@@ -401,7 +313,16 @@ def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
     training = Training.build(cfg, placement, distributed)
     # Only the main process evaluates, logs and writes checkpoints.
     main = distributed.is_main
-    evaluator = build_evaluator(cfg, training, tracker) if main else None
+    evaluator = (
+        build_evaluator(
+            cfg,
+            training.tokenizer,
+            placement,
+            load_kl_reference(cfg, training.tokenizer, placement),
+        )
+        if main
+        else None
+    )
     model = training.model
     log.info(
         "model: %.2fM parameters on %s (%s)%s; %d steps x %d sequences x %d tokens "
