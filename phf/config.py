@@ -197,8 +197,9 @@ class EvalConfig:
     # model of that objective's finished run in the same multirun and seed; null = no KL.
     kl_reference: str | None = None
     kl_samples: int = 100
-    # sweep:<objective>: how long a job waits for that run to finish (parallel launchers start
-    # jobs before it ends; the basic launcher runs it first).
+    # sweep:<objective> (here, in model.pretrained or in ppo.reward_model): how long a job waits
+    # for that run to finish (parallel launchers start jobs before it ends; the basic launcher
+    # runs it first).
     kl_reference_timeout_min: float = 240.0
     # Held-out LM loss is measured on at most this many test-split blocks.
     max_blocks: int = 64

@@ -90,7 +90,7 @@ def execute(
             log.info("output directory: %s", output_dir)
             # Earlier runs this one builds on (sweep:<objective> becomes runs:/<id>/model),
             # recorded so that the MLflow UI links each run of a pipeline to the next.
-            tracker.record_lineage(resolve_sweep_references(cfg, tracker))
+            tracker.record_lineage(resolve_sweep_references(cfg, stage_name(cfg), tracker))
             return STAGES[stage_name(cfg)](cfg, tracker, output_dir)
     except Exception:
         if job is None:

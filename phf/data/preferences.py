@@ -99,7 +99,7 @@ def split_hh(chosen: str, rejected: str, where: str) -> tuple[str, str, str]:
         if a != b:
             break
         shared += 1
-    end = chosen.rfind(ASSISTANT_TURN, 0, shared - len(ASSISTANT_TURN) + 1)
+    end = chosen.rfind(ASSISTANT_TURN, 0, shared)
     if end < 0:
         raise DatasetError(
             f"{where}: 'chosen' and 'rejected' share no '\\n\\nAssistant:' turn, so they cannot "

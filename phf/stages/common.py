@@ -22,22 +22,24 @@ from phf.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-# The config keys that may name an earlier run's model, and what each is, for messages and tags.
+# The config keys each stage reads that may name an earlier run's model. Only these are
+# resolved: a pipeline's shared config may set ppo.reward_model=sweep:reward, which the MLE run
+# that comes before the reward run must not wait for.
 MODEL_REFERENCES = {
-    "model.pretrained": "initial model",
-    "ppo.reward_model": "reward model",
-    "eval.kl_reference": "KL reference",
+    "pretrain": ("model.pretrained", "eval.kl_reference"),
+    "reward": ("model.pretrained", "reward.normalization_policy"),
+    "ppo": ("model.pretrained", "ppo.reward_model", "eval.kl_reference"),
 }
 
 
-def resolve_sweep_references(cfg: DictConfig, tracker: Tracker) -> dict[str, str]:
-    """Replace every ``sweep:<objective>`` among MODEL_REFERENCES by ``runs:/<id>/model`` of that
-    objective's run (same multirun, same seed), waiting for it to finish; a reference to this
-    run's own objective becomes null (it is that run). Returns the resolved references that name
-    MLflow runs, {key: uri}, for the run's lineage tags."""
+def resolve_sweep_references(cfg: DictConfig, stage: str, tracker: Tracker) -> dict[str, str]:
+    """Replace every ``sweep:<objective>`` among the stage's MODEL_REFERENCES by
+    ``runs:/<id>/model`` of that objective's run (same multirun, same seed), waiting for it to
+    finish; a reference to this run's own objective becomes null (it is that run). Returns the
+    resolved references that name MLflow runs, {key: uri}, for the run's lineage tags."""
     timeout_s = 60.0 * cfg.eval.kl_reference_timeout_min
     lineage = {}
-    for key in MODEL_REFERENCES:
+    for key in MODEL_REFERENCES[stage]:
         source = OmegaConf.select(cfg, key)
         if isinstance(source, str) and source.startswith("sweep:"):
             objective = source.removeprefix("sweep:")

@@ -37,7 +37,6 @@ from phf.ppo import (
     FixedKLController,
     entropy_from_logits,
     gae,
-    masked_mean,
     masked_whiten,
     policy_loss,
     token_rewards,
@@ -222,83 +221,239 @@ def rollout_prompts(cfg: DictConfig) -> list[str]:
     return scenario_prompts(scenario, cfg.task, max(cfg.ppo.rollout_batch_size, 1000))
 
 
+@dataclass
+class PPOTraining:
+    """What one PPO iteration touches: policy and value head, frozen reference, reward, prompts,
+    optimizer and KL controller. Built by ``PPOTraining.build``; ``iteration()`` collects one
+    rollout batch and updates on it. The stage's loop and scripts/benchmark.py both drive it."""
+
+    cfg: DictConfig
+    placement: Placement
+    policy: PreTrainedModel
+    value_head: ValueHead
+    network: Network
+    reference: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    reward_fn: RewardFunction
+    reward_source: str
+    stop_id: int | None
+    prompt_pool: list[str]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    kl_controller: FixedKLController | AdaptiveKLController
+    num_rollouts: int
+    rng: random.Random
+    episodes: int = 0
+
+    @classmethod
+    def build(cls, cfg: DictConfig, placement: Placement) -> PPOTraining:
+        ppo, train = cfg.ppo, cfg.train
+        if ppo.rollout_batch_size % ppo.mini_batch_size:
+            raise ValueError(
+                f"ppo.rollout_batch_size={ppo.rollout_batch_size} must be a multiple of "
+                f"ppo.mini_batch_size={ppo.mini_batch_size}"
+            )
+        if cfg.model.pretrained is None:
+            log.warning(
+                "model.pretrained is null: PPO starts from a randomly initialised model; set it "
+                "to a pretrained model, e.g. runs:/<run id>/model of an objective=mle run"
+            )
+        pool = rollout_prompts(cfg)
+        policy, tokenizer = load_model_and_tokenizer(cfg.model, train.block_size)
+        longest_query = 1 + max(len(tokenizer.encode(p, add_special_tokens=False)) for p in pool)
+        positions = getattr(policy.config, "n_positions", None)
+        if positions is not None and longest_query + ppo.response_length > positions:
+            raise ValueError(
+                f"prompts of up to {longest_query} tokens + ppo.response_length="
+                f"{ppo.response_length} exceed the model's {positions} positions; lower "
+                "ppo.response_length or use shorter prompts"
+            )
+        policy.to(placement.device)
+        value_head = ValueHead(policy.config.hidden_size).to(placement.device)
+        network = Network(policy, value_head)
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        reward_fn, reward_source = build_reward_function(cfg, placement)
+        num_rollouts = train.max_steps or math.ceil(ppo.total_episodes / ppo.rollout_batch_size)
+        optimizer_steps = (
+            num_rollouts * ppo.ppo_epochs * (ppo.rollout_batch_size // ppo.mini_batch_size)
+        )
+        optimizer = torch.optim.AdamW(
+            optimizer_groups(network, train.weight_decay),
+            lr=train.lr,
+            betas=tuple(train.adam_betas),
+            eps=1e-5,
+        )
+        scheduler = get_scheduler(
+            train.lr_scheduler,
+            optimizer,
+            num_warmup_steps=round(train.warmup_ratio * optimizer_steps),
+            num_training_steps=optimizer_steps,
+        )
+        kl_controller = (
+            AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon)
+            if ppo.adaptive_kl
+            else FixedKLController(ppo.kl_coef)
+        )
+        return cls(
+            cfg=cfg,
+            placement=placement,
+            policy=policy,
+            value_head=value_head,
+            network=network,
+            reference=reference,
+            tokenizer=tokenizer,
+            reward_fn=reward_fn,
+            reward_source=reward_source,
+            stop_id=stop_token_id(ppo.stop_token, tokenizer),
+            prompt_pool=pool,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            kl_controller=kl_controller,
+            num_rollouts=num_rollouts,
+            rng=random.Random(cfg.seed),
+        )
+
+    def iteration(self) -> tuple[Rollout, dict[str, float]]:
+        """Generate and score one rollout batch, then ``ppo_epochs`` passes of minibatch updates;
+        returns the rollout and the iteration's metrics (the ecosystem's names)."""
+        ppo, placement = self.cfg.ppo, self.placement
+        start = time.perf_counter()
+        prompts = [self.rng.choice(self.prompt_pool) for _ in range(ppo.rollout_batch_size)]
+        rollout = collect_rollout(
+            self.policy,
+            self.value_head,
+            self.reference,
+            self.tokenizer,
+            prompts,
+            self.reward_fn,
+            self.stop_id,
+            ppo,
+            placement,
+        )
+        mask = rollout.mask
+        scores = torch.nan_to_num(rollout.scores, nan=0.0)  # an unscorable text earns nothing
+        if ppo.missing_stop_penalty is not None:
+            scores = torch.where(rollout.found_stop, scores, scores - ppo.missing_stop_penalty)
+        kl_coef = self.kl_controller.value
+        rewards, kl = token_rewards(rollout.logprobs, rollout.ref_logprobs, scores, mask, kl_coef)
+        if ppo.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, rollout.values, mask, ppo.gamma, ppo.lam)
+        advantages = masked_whiten(advantages, mask)
+
+        sums: dict[str, float] = {}
+        updates = 0
+        micro = self.cfg.hardware.micro_batch_size
+        for _ in range(ppo.ppo_epochs):
+            order = torch.randperm(ppo.rollout_batch_size)
+            for minibatch in order.split(ppo.mini_batch_size):
+                for piece in minibatch.split(micro):
+                    share = len(piece) / len(minibatch)
+                    piece_metrics = self._update_piece(rollout, advantages, returns, piece, share)
+                    for name, value in piece_metrics.items():
+                        sums[name] = sums.get(name, 0.0) + float(value) * share
+                torch.nn.utils.clip_grad_norm_(
+                    self.network.parameters(), self.cfg.train.max_grad_norm
+                )
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                updates += 1
+
+        self.episodes += ppo.rollout_batch_size
+        kl_per_episode = kl.sum(dim=1)
+        mean_kl = float(kl_per_episode.mean())
+        self.kl_controller.update(mean_kl, ppo.rollout_batch_size)
+        seconds = time.perf_counter() - start
+        non_score_reward = float((-kl_coef * kl_per_episode).mean())
+        return rollout, {name: value / updates for name, value in sums.items()} | {
+            "objective/kl": mean_kl,
+            "objective/entropy": float(rollout.entropy.sum(dim=1).mean()),
+            "objective/scores": float(scores.mean()),
+            "objective/non_score_reward": non_score_reward,
+            "objective/rlhf_reward": float(scores.mean()) + non_score_reward,
+            "objective/kl_coef": kl_coef,
+            "val/response_length": float(mask.sum(dim=1).mean()),
+            "val/stop_fraction": float(rollout.found_stop.float().mean()),
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "time/episodes_per_s": ppo.rollout_batch_size / seconds,
+            "time/generation_share": rollout.generation_seconds / seconds,
+        }
+
+    def _update_piece(
+        self,
+        rollout: Rollout,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        piece: torch.Tensor,
+        share: float,
+    ) -> dict[str, torch.Tensor]:
+        """Forward and backward one micro-batch of a minibatch (weighed by its ``share``)."""
+        ppo = self.cfg.ppo
+        mask = rollout.mask[piece]
+        logprobs, values, _ = forward_response(
+            self.policy,
+            self.value_head,
+            rollout.query_ids[piece],
+            rollout.query_mask[piece],
+            rollout.response_ids[piece],
+            mask,
+            ppo.temperature,
+            self.placement,
+        )
+        pg_loss, pg_metrics = policy_loss(
+            logprobs, rollout.logprobs[piece], advantages[piece], mask, ppo.cliprange
+        )
+        vf_loss, vf_metrics = value_loss(
+            values, rollout.values[piece], returns[piece], mask, ppo.cliprange_value
+        )
+        ((pg_loss + ppo.vf_coef * vf_loss) * share).backward()
+        return {
+            "policy/approxkl": pg_metrics["approxkl"],
+            "policy/clipfrac": pg_metrics["clipfrac"],
+            "val/ratio": pg_metrics["ratio"],
+            "val/clipfrac": vf_metrics["clipfrac"],
+            "loss/policy": pg_loss.detach(),
+            "loss/value": vf_loss.detach(),
+        }
+
+    def save(self, directory: Path) -> None:
+        """The policy (``from_pretrained``-loadable), tokenizer, config and value head."""
+        save_pretrained(directory, self.policy, self.tokenizer, self.cfg)
+        save_value_head(self.value_head, directory)
+
+
 def run_ppo(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
-    ppo, train = cfg.ppo, cfg.train
-    if ppo.rollout_batch_size % ppo.mini_batch_size:
-        raise ValueError(
-            f"ppo.rollout_batch_size={ppo.rollout_batch_size} must be a multiple of "
-            f"ppo.mini_batch_size={ppo.mini_batch_size}"
-        )
+    ppo = cfg.ppo
     placement = resolve_placement(cfg.hardware)
-    if cfg.model.pretrained is None:
-        log.warning(
-            "model.pretrained is null: PPO starts from a randomly initialised model; set it to "
-            "a pretrained model, e.g. runs:/<run id>/model of an objective=mle run"
-        )
-    pool = rollout_prompts(cfg)
-    policy, tokenizer = load_model_and_tokenizer(cfg.model, train.block_size)
-    longest_query = 1 + max(len(tokenizer.encode(p, add_special_tokens=False)) for p in pool)
-    positions = getattr(policy.config, "n_positions", None)
-    if positions is not None and longest_query + ppo.response_length > positions:
-        raise ValueError(
-            f"prompts of up to {longest_query} tokens + ppo.response_length="
-            f"{ppo.response_length} exceed the model's {positions} positions; lower "
-            "ppo.response_length or use shorter prompts"
-        )
-    policy.to(placement.device)
-    value_head = ValueHead(policy.config.hidden_size).to(placement.device)
-    network = Network(policy, value_head)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    reward_fn, reward_source = build_reward_function(cfg, placement)
-    stop_id = stop_token_id(ppo.stop_token, tokenizer)
+    training = PPOTraining.build(cfg, placement)
+    policy, tokenizer = training.policy, training.tokenizer
+    # KL from the initial policy (the frozen reference) unless eval.kl_reference names another.
     kl_reference = (
         load_kl_reference(cfg, tokenizer, placement)
         if cfg.eval.kl_reference is not None
-        else sample_kl_reference(reference, tokenizer, cfg, placement)
+        else sample_kl_reference(training.reference, tokenizer, cfg, placement)
     )
     evaluator = build_evaluator(cfg, tokenizer, placement, kl_reference)
-
-    num_rollouts = train.max_steps or math.ceil(ppo.total_episodes / ppo.rollout_batch_size)
-    minibatches = ppo.rollout_batch_size // ppo.mini_batch_size
-    optimizer_steps = num_rollouts * ppo.ppo_epochs * minibatches
-    optimizer = torch.optim.AdamW(
-        optimizer_groups(network, train.weight_decay),
-        lr=train.lr,
-        betas=tuple(train.adam_betas),
-        eps=1e-5,
-    )
-    scheduler = get_scheduler(
-        train.lr_scheduler,
-        optimizer,
-        num_warmup_steps=round(train.warmup_ratio * optimizer_steps),
-        num_training_steps=optimizer_steps,
-    )
-    kl_controller = (
-        AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon)
-        if ppo.adaptive_kl
-        else FixedKLController(ppo.kl_coef)
-    )
     log.info(
         "PPO: policy %.2fM parameters + value head on %s (%s); reward: %s; %d rollouts x %d "
         "episodes, %d epochs x %d minibatches of %d",
         sum(p.numel() for p in policy.parameters()) / 1e6,
         placement.device,
         placement.precision,
-        reward_source,
-        num_rollouts,
+        training.reward_source,
+        training.num_rollouts,
         ppo.rollout_batch_size,
         ppo.ppo_epochs,
-        minibatches,
+        ppo.rollout_batch_size // ppo.mini_batch_size,
         ppo.mini_batch_size,
     )
-    rng = random.Random(cfg.seed)
-    episodes = 0
     last_metrics: dict[str, float] = {"score": float("nan")}
 
     def run_eval(rollout_index: int, rollout: Rollout | None) -> None:
         nonlocal last_metrics
         last_metrics, tables = evaluator.evaluate(policy)
-        tracker.log_metrics(last_metrics, episodes, "episodes")
+        tracker.log_metrics(last_metrics, training.episodes, "episodes")
         for name, table in tables.items():
             folder = "samples" if name == "unconditional" else f"samples/{name}"
             tracker.log_table(table, f"{folder}/rollout_{rollout_index:05d}.json")
@@ -315,118 +470,31 @@ def run_ppo(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
         log.info(
             "eval after %d rollouts (%d episodes): score %.4f, score_max@25 %.4f, kl %.3f",
             rollout_index,
-            episodes,
+            training.episodes,
             last_metrics["score"],
             last_metrics["score_max_at_25"],
             last_metrics.get("kl", float("nan")),
         )
 
     run_eval(0, None)
-    micro = cfg.hardware.micro_batch_size
-    for rollout_index in range(1, num_rollouts + 1):
-        iteration_start = time.perf_counter()
-        prompts = [rng.choice(pool) for _ in range(ppo.rollout_batch_size)]
-        rollout = collect_rollout(
-            policy, value_head, reference, tokenizer, prompts, reward_fn, stop_id, ppo, placement
-        )
-        mask = rollout.mask
-        scores = torch.nan_to_num(rollout.scores, nan=0.0)  # an unscorable text earns nothing
-        if ppo.missing_stop_penalty is not None:
-            scores = torch.where(rollout.found_stop, scores, scores - ppo.missing_stop_penalty)
-        kl_coef = kl_controller.value
-        rewards, kl = token_rewards(rollout.logprobs, rollout.ref_logprobs, scores, mask, kl_coef)
-        if ppo.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = gae(rewards, rollout.values, mask, ppo.gamma, ppo.lam)
-        advantages = masked_whiten(advantages, mask)
-
-        update_metrics: dict[str, float] = {}
-        updates = 0
-        for _ in range(ppo.ppo_epochs):
-            order = torch.randperm(ppo.rollout_batch_size)
-            for first in range(0, ppo.rollout_batch_size, ppo.mini_batch_size):
-                minibatch = order[first : first + ppo.mini_batch_size]
-                for piece in minibatch.split(micro):
-                    piece_mask = mask[piece]
-                    logprobs, values, _ = forward_response(
-                        policy,
-                        value_head,
-                        rollout.query_ids[piece],
-                        rollout.query_mask[piece],
-                        rollout.response_ids[piece],
-                        piece_mask,
-                        ppo.temperature,
-                        placement,
-                    )
-                    pg_loss, pg_metrics = policy_loss(
-                        logprobs,
-                        rollout.logprobs[piece],
-                        advantages[piece],
-                        piece_mask,
-                        ppo.cliprange,
-                    )
-                    vf_loss, vf_metrics = value_loss(
-                        values,
-                        rollout.values[piece],
-                        returns[piece],
-                        piece_mask,
-                        ppo.cliprange_value,
-                    )
-                    loss = pg_loss + ppo.vf_coef * vf_loss
-                    (loss * len(piece) / len(minibatch)).backward()
-                    share = len(piece) / len(minibatch)
-                    for name, value in {
-                        "policy/approxkl": pg_metrics["approxkl"],
-                        "policy/clipfrac": pg_metrics["clipfrac"],
-                        "val/ratio": pg_metrics["ratio"],
-                        "val/clipfrac": vf_metrics["clipfrac"],
-                        "loss/policy": pg_loss.detach(),
-                        "loss/value": vf_loss.detach(),
-                    }.items():
-                        update_metrics[name] = update_metrics.get(name, 0.0) + float(value) * share
-                torch.nn.utils.clip_grad_norm_(network.parameters(), train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                updates += 1
-
-        episodes += ppo.rollout_batch_size
-        kl_per_episode = kl.sum(dim=1)
-        mean_kl = float(kl_per_episode.mean())
-        kl_controller.update(mean_kl, ppo.rollout_batch_size)
-        seconds = time.perf_counter() - iteration_start
-        non_score_reward = float((-kl_coef * kl_per_episode).mean())
-        metrics = {name: value / updates for name, value in update_metrics.items()} | {
-            "objective/kl": mean_kl,
-            "objective/entropy": float(rollout.entropy.sum(dim=1).mean()),
-            "objective/scores": float(scores.mean()),
-            "objective/non_score_reward": non_score_reward,
-            "objective/rlhf_reward": float(scores.mean()) + non_score_reward,
-            "objective/kl_coef": kl_coef,
-            "val/response_length": float(mask.sum(dim=1).mean()),
-            "val/stop_fraction": float(rollout.found_stop.float().mean()),
-            "val/advantage_mean": float(masked_mean(advantages, mask)),
-            "train/lr": scheduler.get_last_lr()[0],
-            "time/episodes_per_s": ppo.rollout_batch_size / seconds,
-            "time/generation_share": rollout.generation_seconds / seconds,
-        }
-        tracker.log_metrics(metrics, episodes, "episodes")
-        if rollout_index % train.log_steps == 0:
+    for rollout_index in range(1, training.num_rollouts + 1):
+        rollout, metrics = training.iteration()
+        tracker.log_metrics(metrics, training.episodes, "episodes")
+        if rollout_index % cfg.train.log_steps == 0:
             log.info(
                 "rollout %d/%d: scores %.4f, kl %.3f, kl_coef %.4f, %.1f episodes/s",
                 rollout_index,
-                num_rollouts,
+                training.num_rollouts,
                 metrics["objective/scores"],
-                mean_kl,
-                kl_coef,
+                metrics["objective/kl"],
+                metrics["objective/kl_coef"],
                 metrics["time/episodes_per_s"],
             )
-        if rollout_index % ppo.eval_rollouts == 0 or rollout_index == num_rollouts:
+        if rollout_index % ppo.eval_rollouts == 0 or rollout_index == training.num_rollouts:
             run_eval(rollout_index, rollout)
 
     final_dir = output_dir / "model"
-    save_pretrained(final_dir, policy, tokenizer, cfg)
-    save_value_head(value_head, final_dir)
+    training.save(final_dir)
     if cfg.tracking.log_model:
         tracker.log_artifacts(final_dir, "model")
     log.info("final policy saved to %s", final_dir)
