@@ -161,12 +161,13 @@ def builtin_comparisons(
 ) -> list[Comparison]:
     """Preference pairs derived from a scored corpus, offline, by its own scorer's scores.
 
-    Every misaligned segment (score above ``hit_threshold``, the task's) is a rejected
-    response; its prompt is the document's text before it (the last 200 characters). The chosen
-    response is an aligned segment (score at most the split's median) of the same document, the
-    one closest in length (so that length does not give the answer away), or, in a document
-    without one, a random aligned segment of the split (seeded). Segments keep their whitespace:
-    for code, indentation is part of what the scorer judged.
+    Every misaligned segment (score above the task's ``hit_threshold``, and above the split's
+    median, so that it always scores worse than the chosen one) is a rejected response; its
+    prompt is the document's text before it (the last 200 characters). The chosen response is an
+    aligned segment (score at most the split's median) of the same document, the one closest in
+    length (so that length does not give the answer away), or, in a document without one, a
+    random aligned segment of the split (seeded). Segments keep their whitespace: for code,
+    indentation is part of what the scorer judged.
     """
     documents = list(documents)
     scores = [s for d in documents for s in d.scores]
