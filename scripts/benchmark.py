@@ -1,6 +1,7 @@
 """Print phf's speed on this machine: training tokens/s per objective, generation tokens/s, each
 scorer's texts/s, the scoring pipeline's documents/s with one worker and with one per core, and
-the per-job launch overhead of local and SLURM sweeps.
+PPO episodes/s with the share of time spent generating, and the per-job launch overhead of
+local and SLURM sweeps.
 
 Measures the default run's own code paths (the config is composed exactly as `python -m phf.run`
 composes it, overrides included):
@@ -8,6 +9,7 @@ composes it, overrides included):
     python scripts/benchmark.py                       # everything, default tiny model
     python scripts/benchmark.py --only train generation hardware=gpu model=gpt2
     python scripts/benchmark.py --only scorers pipeline
+    python scripts/benchmark.py --only ppo model.pretrained=runs:/<mle run id>/model
     python scripts/benchmark.py --only launch      # SLURM too when scripts/start-local-slurm.sh ran
 """
 
@@ -35,9 +37,10 @@ from phf.hardware import resolve_placement
 from phf.models import load_model_and_tokenizer
 from phf.run import seed_everything
 from phf.scorers import build_scorer
+from phf.stages.ppo import PPOTraining
 from phf.stages.pretrain import Training
 
-SECTIONS = ["train", "generation", "scorers", "pipeline", "launch"]
+SECTIONS = ["train", "generation", "scorers", "pipeline", "ppo", "launch"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -53,6 +56,7 @@ def main() -> None:
         "--only", nargs="+", choices=SECTIONS, default=SECTIONS, help="sections to run"
     )
     parser.add_argument("--pipeline-files", type=int, default=1000)
+    parser.add_argument("--rollouts", type=int, default=5, help="timed PPO iterations")
     parser.add_argument("--launch-jobs", type=int, default=4, help="jobs per timed sweep")
     parser.add_argument(
         "--objectives",
@@ -69,6 +73,8 @@ def main() -> None:
         benchmark_scorers()
     if "pipeline" in args.only:
         benchmark_pipeline(args.pipeline_files)
+    if "ppo" in args.only:
+        benchmark_ppo(args.overrides, args.warmup, args.rollouts)
     if "launch" in args.only:
         benchmark_launch(args.launch_jobs)
 
@@ -124,6 +130,33 @@ def benchmark_generation(cfg, model, tokenizer, placement) -> None:
         f"{len(samples.lengths) / samples.seconds:.1f} samples/s "
         f"({generation.num_samples} samples of <= {generation.max_new_tokens} tokens, "
         f"batch {generation.batch_size}, KV cache)"
+    )
+
+
+def benchmark_ppo(overrides: list[str], warmup: int, rollouts: int) -> None:
+    """PPO episodes/s of the stage's own iteration (generate, score, forward the policy and the
+    reference, GAE, ppo_epochs of updates) and the share of it spent generating."""
+    cfg = compose_config(["objective=ppo", *overrides])
+    seed_everything(cfg.seed)
+    placement = resolve_placement(cfg.hardware)
+    training = PPOTraining.build(cfg, placement)
+    for _ in range(warmup):
+        training.iteration()
+    synchronize(placement.device)
+    start, episodes_before = time.perf_counter(), training.episodes
+    generating = 0.0
+    for _ in range(rollouts):
+        rollout, _ = training.iteration()
+        generating += rollout.generation_seconds
+    synchronize(placement.device)
+    seconds = time.perf_counter() - start
+    ppo = cfg.ppo
+    print(
+        f"ppo: {(training.episodes - episodes_before) / seconds:.1f} episodes/s, "
+        f"{generating / seconds:.0%} of the time generating ({ppo.rollout_batch_size} episodes "
+        f"of <= {ppo.response_length} tokens per rollout, {ppo.ppo_epochs} epochs x "
+        f"{ppo.rollout_batch_size // ppo.mini_batch_size} minibatches; reward "
+        f"{training.reward_source})"
     )
 
 
