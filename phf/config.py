@@ -264,13 +264,13 @@ class PPOConfig:
     rollout_batch_size: int = 64  # episodes generated per PPO iteration
     mini_batch_size: int = 16  # episodes per optimizer step
     ppo_epochs: int = 4  # passes over each rollout batch
-    response_length: int = 48  # tokens
+    response_length: int = 64  # tokens (eval.generation.max_new_tokens samples as long)
     temperature: float = 1.0
     # Responses end at this token (eos, or any single token of the vocabulary) or after
     # response_length tokens; null = always response_length tokens.
     stop_token: str | None = "eos"
     # Subtracted from the score of a response that never reached stop_token; null = none.
-    missing_stop_penalty: float | None = 1.0
+    missing_stop_penalty: float | None = None
     kl_coef: float = 0.05  # beta of the per-token penalty -beta * (log pi - log pi_ref)
     # Adaptive beta (Ziegler et al. 2019): steers the KL per episode towards target_kl.
     adaptive_kl: bool = False

@@ -30,7 +30,9 @@ def test_every_option_composes(compose_cfg, group: str, option: str) -> None:
         overrides.append("model.pretrained=some/model")
     cfg = compose_cfg(overrides)
     assert cfg[group].name == option if group != "tracking" else "uri" in cfg.tracking
-    assert cfg.objective.stage.value == "pretrain"
+    stages = {"reward": "reward", "ppo": "ppo"}
+    expected = stages.get(option, "pretrain") if group == "objective" else "pretrain"
+    assert cfg.objective.stage.value == expected
 
 
 def test_default_run_is_tiny_mle_on_toxicity(compose_cfg) -> None:
@@ -75,10 +77,10 @@ def test_wrong_type_fails_at_compose_time(compose_cfg) -> None:
 
 def test_stage_that_does_not_exist_is_refused(compose_cfg) -> None:
     with pytest.raises(ConfigCompositionException) as error:
-        compose_cfg(["objective.stage=ppo"])
+        compose_cfg(["objective.stage=dpo"])
     # Hydra's message names the override; its cause lists the valid stages.
-    assert "objective.stage=ppo" in str(error.value)
-    assert "pretrain" in str(error.value.__cause__)
+    assert "objective.stage=dpo" in str(error.value)
+    assert "pretrain" in str(error.value.__cause__) and "ppo" in str(error.value.__cause__)
 
 
 def test_pretrained_model_requires_a_path(compose_cfg) -> None:

@@ -15,7 +15,8 @@ from phf.data.transforms import ControlTokens, control_token_ids, filter_documen
 from phf.evaluation import GenerationControls, generate_samples
 from phf.hardware import Placement
 from phf.objectives import AWR, MLE, Unlikelihood, build_objective
-from phf.stages.pretrain import Training, generation_controls
+from phf.stages.common import generation_controls
+from phf.stages.pretrain import Training
 from phf.tokenizer import load_tokenizer
 from tests.conftest import TINY_RUN
 
