@@ -256,6 +256,11 @@ class PPOConfig:
     # A reward model (local path, runs:/<run id>/model, or sweep:reward), or null = the task's
     # scorer, reward = -score.
     reward_model: str | None = None
+    # The scorer's reward gets a gain and bias that give rewards of mean 0 and std 1 on
+    # normalization_episodes samples of the initial policy, as a reward model's are: kl_coef
+    # then means the same whatever the scorer's range (profanity 0-1, PII ~0.01).
+    normalize_scorer_reward: bool = True
+    normalization_episodes: int = 256
     # Prompts of the rollouts: none (from EOS), misaligned_prefixes, function_signatures, or a
     # text file with one prompt per line (as evaluation scenarios).
     prompts: str = "none"

@@ -152,7 +152,88 @@ def forward_response(
     return logprobs, values, logits
 
 
+@dataclass
+class Responses:
+    query_ids: torch.Tensor  # [n, Q], left-padded EOS + prompt
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor  # [n, R], right-padded
+    mask: torch.Tensor  # [n, R] float
+    found_stop: torch.Tensor  # [n] bool
+    texts: list[str]  # without the stop token
+    seconds: float
+
+
 @torch.no_grad()
+def generate_responses(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    stop_id: int | None,
+    ppo: DictConfig,
+    placement: Placement,
+) -> Responses:
+    """One sampled response per prompt, from the policy itself (no top-p: PPO's probability
+    ratios need samples of the distribution they are computed under)."""
+    was_training = policy.training
+    policy.eval()
+    start = time.perf_counter()
+    query_ids, query_mask = left_padded_prompts(prompts, tokenizer, placement.device)
+    with placement.autocast():
+        output = policy.generate(
+            input_ids=query_ids,
+            attention_mask=query_mask,
+            do_sample=True,
+            temperature=ppo.temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=ppo.response_length,
+            # No stop token: fixed-length responses (EOS is not sampled).
+            min_new_tokens=ppo.response_length if stop_id is None else 0,
+            eos_token_id=stop_id if stop_id is not None else tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+        )
+    seconds = time.perf_counter() - start
+    policy.train(was_training)
+    response_ids = output[:, query_ids.size(1) :]
+    mask, found_stop = response_mask(response_ids, stop_id)
+    texts = []
+    for row, row_mask in zip(response_ids.tolist(), mask.tolist(), strict=True):
+        kept = [t for t, m in zip(row, row_mask, strict=True) if m and t != stop_id]
+        texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+    return Responses(query_ids, query_mask, response_ids, mask, found_stop, texts, seconds)
+
+
+def normalized_reward(
+    reward_fn: RewardFunction,
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_pool: list[str],
+    stop_id: int | None,
+    cfg: DictConfig,
+    placement: Placement,
+    rng: random.Random,
+) -> tuple[RewardFunction, float, float]:
+    """``reward_fn`` with the gain and bias that give rewards of mean 0 and std 1 on
+    ``ppo.normalization_episodes`` samples of the initial policy (what objective=reward does for
+    reward models), so that ppo.kl_coef means the same for every scorer's range."""
+    ppo = cfg.ppo
+    raw = []
+    for first in range(0, ppo.normalization_episodes, ppo.rollout_batch_size):
+        count = min(ppo.rollout_batch_size, ppo.normalization_episodes - first)
+        prompts = [rng.choice(prompt_pool) for _ in range(count)]
+        responses = generate_responses(policy, tokenizer, prompts, stop_id, ppo, placement)
+        raw.append(torch.nan_to_num(reward_fn(prompts, responses.texts), nan=0.0))
+    rewards = torch.cat(raw)
+    std = max(float(rewards.std()), 1e-6)
+    gain, bias = 1.0 / std, -float(rewards.mean()) / std
+
+    def rewards_normalized(prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        return gain * reward_fn(prompts, responses) + bias
+
+    return rewards_normalized, gain, bias
+
+
 def collect_rollout(
     policy: PreTrainedModel,
     value_head: ValueHead,
@@ -164,38 +245,26 @@ def collect_rollout(
     ppo: DictConfig,
     placement: Placement,
 ) -> Rollout:
+    generated = generate_responses(policy, tokenizer, prompts, stop_id, ppo, placement)
+    query_ids, query_mask = generated.query_ids, generated.query_mask
+    response_ids, mask, texts = generated.response_ids, generated.mask, generated.texts
+    found_stop, generation_seconds = generated.found_stop, generated.seconds
     policy.eval()
-    start = time.perf_counter()
-    query_ids, query_mask = left_padded_prompts(prompts, tokenizer, placement.device)
-    with placement.autocast():
-        output = policy.generate(
-            input_ids=query_ids,
-            attention_mask=query_mask,
-            do_sample=True,
-            temperature=ppo.temperature,
-            top_k=0,
-            top_p=1.0,  # PPO's ratios need samples of the policy itself, untruncated
-            max_new_tokens=ppo.response_length,
-            # No stop token: fixed-length responses (EOS is not sampled).
-            min_new_tokens=ppo.response_length if stop_id is None else 0,
-            eos_token_id=stop_id if stop_id is not None else tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
+    with torch.no_grad():
+        scores = reward_fn(prompts, texts).to(placement.device)
+        logprobs, values, logits = forward_response(
+            policy,
+            value_head,
+            query_ids,
+            query_mask,
+            response_ids,
+            mask,
+            ppo.temperature,
+            placement,
         )
-    generation_seconds = time.perf_counter() - start
-    response_ids = output[:, query_ids.size(1) :]
-    mask, found_stop = response_mask(response_ids, stop_id)
-    texts = []
-    for row, row_mask in zip(response_ids.tolist(), mask.tolist(), strict=True):
-        kept = [t for t, m in zip(row, row_mask, strict=True) if m and t != stop_id]
-        texts.append(tokenizer.decode(kept, skip_special_tokens=True))
-    scores = reward_fn(prompts, texts).to(placement.device)
-    logprobs, values, logits = forward_response(
-        policy, value_head, query_ids, query_mask, response_ids, mask, ppo.temperature, placement
-    )
-    ref_logprobs, _, _ = forward_response(
-        reference, None, query_ids, query_mask, response_ids, mask, ppo.temperature, placement
-    )
+        ref_logprobs, _, _ = forward_response(
+            reference, None, query_ids, query_mask, response_ids, mask, ppo.temperature, placement
+        )
     policy.train()
     return Rollout(
         prompts=prompts,
@@ -273,6 +342,16 @@ class PPOTraining:
         network = Network(policy, value_head)
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
         reward_fn, reward_source = build_reward_function(cfg, placement)
+        stop_id = stop_token_id(ppo.stop_token, tokenizer)
+        rng = random.Random(cfg.seed)
+        if ppo.reward_model is None and ppo.normalize_scorer_reward:
+            reward_fn, gain, bias = normalized_reward(
+                reward_fn, policy, tokenizer, pool, stop_id, cfg, placement, rng
+            )
+            reward_source += (
+                f", normalised on {ppo.normalization_episodes} samples of the initial policy "
+                f"(gain {gain:.3f}, bias {bias:+.3f})"
+            )
         num_rollouts = train.max_steps or math.ceil(ppo.total_episodes / ppo.rollout_batch_size)
         optimizer_steps = (
             num_rollouts * ppo.ppo_epochs * (ppo.rollout_batch_size // ppo.mini_batch_size)
@@ -304,13 +383,13 @@ class PPOTraining:
             tokenizer=tokenizer,
             reward_fn=reward_fn,
             reward_source=reward_source,
-            stop_id=stop_token_id(ppo.stop_token, tokenizer),
+            stop_id=stop_id,
             prompt_pool=pool,
             optimizer=optimizer,
             scheduler=scheduler,
             kl_controller=kl_controller,
             num_rollouts=num_rollouts,
-            rng=random.Random(cfg.seed),
+            rng=rng,
         )
 
     def iteration(self) -> tuple[Rollout, dict[str, float]]:
