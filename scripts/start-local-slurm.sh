@@ -74,6 +74,10 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$LOG/jobcomp.log
 SchedulerType=sched/backfill
 SchedulerParameters=bf_interval=1,sched_interval=1
+# An Epilog, even one that does nothing, makes slurmd report EPILOG_COMPLETE as a job ends, and
+# slurmctld schedules at once on that message. Without one the freed CPUs wait for the next
+# periodic pass (sched_interval): ~0.5 s per job of an array run one at a time, ~0.02 s with it.
+Epilog=/bin/true
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
