@@ -127,9 +127,10 @@ def value_loss(
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the softmax at each position, in nats."""
+    """Entropy of the softmax at each position, in nats (a banned token, logit -inf, adds 0)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    return -(logprobs.exp() * logprobs).sum(dim=-1)
+    probs = logprobs.exp()
+    return -torch.where(probs > 0, probs * logprobs, torch.zeros_like(probs)).sum(dim=-1)
 
 
 @dataclass

@@ -131,9 +131,12 @@ def forward_response(
     mask: torch.Tensor,
     temperature: float,
     placement: Placement,
+    stop_id: int | None = None,
+    min_length: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Log-probabilities [n, R] of the response tokens (at the sampling temperature), the values
-    of the states they were sampled from, and the response positions' logits."""
+    """Log-probabilities [n, R] of the response tokens under the distribution they were sampled
+    from (at the sampling temperature, the stop token banned from the first ``min_length``
+    positions), the values of the states they were sampled from, and those positions' logits."""
     input_ids = torch.cat([query_ids, response_ids], dim=1)
     attention_mask = torch.cat([query_mask, mask.long()], dim=1)
     with placement.autocast():
@@ -145,6 +148,8 @@ def forward_response(
         )
     start = query_ids.size(1) - 1  # the position that predicts the first response token
     logits = output.logits[:, start:-1].float() / temperature
+    if stop_id is not None and min_length > 0:
+        logits[:, :min_length, stop_id] = float("-inf")
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, response_ids[..., None]).squeeze(-1)
     values = None
     if value_head is not None:
@@ -187,8 +192,9 @@ def generate_responses(
             top_k=0,
             top_p=1.0,
             max_new_tokens=ppo.response_length,
-            # No stop token: fixed-length responses (EOS is not sampled).
-            min_new_tokens=ppo.response_length if stop_id is None else 0,
+            # No stop token: fixed-length responses (EOS is not sampled). Otherwise the stop
+            # token is banned for the first min_response_length tokens.
+            min_new_tokens=ppo.response_length if stop_id is None else ppo.min_response_length,
             eos_token_id=stop_id if stop_id is not None else tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,
@@ -252,18 +258,12 @@ def collect_rollout(
     policy.eval()
     with torch.no_grad():
         scores = reward_fn(prompts, texts).to(placement.device)
+        constraint = (ppo.temperature, placement, stop_id, ppo.min_response_length)
         logprobs, values, logits = forward_response(
-            policy,
-            value_head,
-            query_ids,
-            query_mask,
-            response_ids,
-            mask,
-            ppo.temperature,
-            placement,
+            policy, value_head, query_ids, query_mask, response_ids, mask, *constraint
         )
         ref_logprobs, _, _ = forward_response(
-            reference, None, query_ids, query_mask, response_ids, mask, ppo.temperature, placement
+            reference, None, query_ids, query_mask, response_ids, mask, *constraint
         )
     policy.train()
     return Rollout(
@@ -321,6 +321,12 @@ class PPOTraining:
             raise ValueError(
                 f"ppo.rollout_batch_size={ppo.rollout_batch_size} must be a multiple of "
                 f"ppo.mini_batch_size={ppo.mini_batch_size}"
+            )
+        if ppo.min_response_length > ppo.response_length:
+            raise ValueError(
+                f"ppo.min_response_length={ppo.min_response_length} exceeds "
+                f"ppo.response_length={ppo.response_length}; lower it (0 lets the stop token "
+                "end a response anywhere)"
             )
         if cfg.model.pretrained is None:
             log.warning(
@@ -479,6 +485,8 @@ class PPOTraining:
             mask,
             ppo.temperature,
             self.placement,
+            self.stop_id,
+            ppo.min_response_length,
         )
         pg_loss, pg_metrics = policy_loss(
             logprobs, rollout.logprobs[piece], advantages[piece], mask, ppo.cliprange
