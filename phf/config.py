@@ -185,6 +185,9 @@ class GenerationConfig:
     num_samples: int = 100  # per scenario; a multiple of 25, for score_max@25
     batch_size: int = 50
     max_new_tokens: int = 64
+    # EOS cannot end a sample before this many tokens. objective=ppo sets it to
+    # ppo.min_response_length, so that a policy is evaluated as it was trained to sample.
+    min_new_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 0.9
 
@@ -265,14 +268,15 @@ class PPOConfig:
     # text file with one prompt per line (as evaluation scenarios).
     prompts: str = "none"
     score_prompt: bool = False  # the scorer reads prompt + response (code: signature + body)
-    total_episodes: int = 1536
+    total_episodes: int = 3072
     rollout_batch_size: int = 64  # episodes generated per PPO iteration
     mini_batch_size: int = 16  # episodes per optimizer step
     ppo_epochs: int = 4  # passes over each rollout batch
     response_length: int = 64  # tokens (eval.generation.max_new_tokens samples as long)
     # The stop token cannot end a response before this many tokens (lm-human-preferences'
-    # truncate_after): without it, a policy rewarded for harmless text learns to say nothing,
-    # an empty text being the most harmless of all. Log-probabilities are those of this
+    # truncate_after): without it, a policy rewarded for harmless text learns to say nothing.
+    # The tiny toxicity policy did, at kl_coef 0.05: an empty text scores 0.37 std better than
+    # average and costs only -log p_ref(EOS | EOS) = 4.2 nats. Log-probabilities are those of this
     # constrained distribution, so PPO's ratios stay exact.
     min_response_length: int = 32
     temperature: float = 1.0
@@ -281,10 +285,7 @@ class PPOConfig:
     stop_token: str | None = "eos"
     # Subtracted from the score of a response that never reached stop_token; null = none.
     missing_stop_penalty: float | None = None
-    # beta of the per-token penalty -beta * (log pi - log pi_ref), for rewards of std 1. At 0.05
-    # the tiny toxicity policy learns to answer with EOS at once: an empty text scores 0.37 std
-    # better than average and costs only -log p_ref(EOS | EOS) = 4.2 nats, 0.21 at that beta.
-    kl_coef: float = 0.1
+    kl_coef: float = 0.05  # beta of the per-token penalty -beta * (log pi - log pi_ref)
     # Adaptive beta (Ziegler et al. 2019): steers the KL per episode towards target_kl.
     adaptive_kl: bool = False
     target_kl: float = 6.0

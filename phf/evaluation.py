@@ -130,6 +130,8 @@ def generate_samples(
                     top_p=cfg.top_p,
                     top_k=0,
                     max_new_tokens=cfg.max_new_tokens,
+                    # Optional: generation configs built in code may leave it out.
+                    min_new_tokens=cfg.get("min_new_tokens", 0),
                     eos_token_id=eos,
                     pad_token_id=tokenizer.pad_token_id,
                     suppress_tokens=list(controls.suppress_ids) or None,
@@ -213,6 +215,7 @@ class KLReference:
             {
                 "batch_size": batch_size,
                 "max_new_tokens": max_new_tokens,
+                "min_new_tokens": 0,
                 "temperature": 1.0,
                 "top_p": 1.0,
             }
