@@ -7,9 +7,9 @@ Measures the default run's own code paths (the config is composed exactly as `py
 composes it, overrides included):
 
     python scripts/benchmark.py                       # everything, default tiny model
-    python scripts/benchmark.py --only train generation hardware=gpu model=gpt2
+    python scripts/benchmark.py --only train generation -- hardware=gpu model=gpt2
     python scripts/benchmark.py --only scorers pipeline
-    python scripts/benchmark.py --only ppo model.pretrained=runs:/<mle run id>/model
+    python scripts/benchmark.py --only ppo -- model.pretrained=runs:/<mle run id>/model
     python scripts/benchmark.py --only launch      # SLURM too when scripts/start-local-slurm.sh ran
 """
 

@@ -111,6 +111,10 @@ def run_reward(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
     train, reward = cfg.train, cfg.reward
     placement = resolve_placement(cfg.hardware)
     lm, tokenizer = load_model_and_tokenizer(cfg.model, reward.max_length)
+    if reward.dropout is not None:
+        for module in lm.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = reward.dropout
     model = RewardModel(lm, reward.max_length).to(placement.device)
 
     train_comparisons = load_comparisons(reward, cfg.task, reward.train_split, cfg.seed)
