@@ -233,13 +233,22 @@ def is_mlflow_uri(source: str) -> bool:
     return source.startswith(MLFLOW_URI_PREFIXES)
 
 
+# (tracking URI, model URI) -> its local copy: a run that names one model twice (a reward model
+# started from, and normalised on samples of, runs:/<id>/model) downloads it once.
+_DOWNLOADED: dict[tuple[str, str], Path] = {}
+
+
 def download_model(uri: str) -> Path:
     """A local copy of a model logged to MLflow (``runs:/<run id>/model``), for from_pretrained.
 
     Uses the current tracking URI (set ``tracking.uri`` to read from a server).
     """
+    key = (mlflow.get_tracking_uri(), uri)
+    if key in _DOWNLOADED and _DOWNLOADED[key].is_dir():
+        return _DOWNLOADED[key]
     try:
-        return Path(mlflow.artifacts.download_artifacts(uri))
+        _DOWNLOADED[key] = Path(mlflow.artifacts.download_artifacts(uri))
+        return _DOWNLOADED[key]
     except mlflow.exceptions.MlflowException as error:
         raise FileNotFoundError(
             f"cannot fetch {uri} from the MLflow store {mlflow.get_tracking_uri()}: "

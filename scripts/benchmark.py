@@ -147,7 +147,7 @@ def benchmark_ppo(overrides: list[str], warmup: int, rollouts: int) -> None:
     generating = 0.0
     for _ in range(rollouts):
         rollout, _ = training.iteration()
-        generating += rollout.generation_seconds
+        generating += rollout.generated.seconds
     synchronize(placement.device)
     seconds = time.perf_counter() - start
     ppo = cfg.ppo

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from itertools import islice
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -21,6 +23,10 @@ from phf.tokenizer import load_tokenizer
 from phf.tracking import Tracker
 
 log = logging.getLogger(__name__)
+
+# Every stage saves its final model in <output dir>/model and logs it as this MLflow artifact, so
+# that a later run can start from runs:/<run id>/model whatever stage wrote it.
+MODEL_ARTIFACT = "model"
 
 # The config keys each stage reads that may name an earlier run's model. Only these are
 # resolved: a pipeline's shared config may set ppo.reward_model=sweep:reward, which the MLE run
@@ -50,11 +56,23 @@ def resolve_sweep_references(cfg: DictConfig, stage: str, tracker: Tracker) -> d
                 raise ValueError(f"{key}={source} needs a multirun (phf -m ...)")
             else:
                 run_id = tracker.wait_for_sweep_run(objective, cfg.seed, timeout_s)
-                source = f"runs:/{run_id}/model"
+                source = f"runs:/{run_id}/{MODEL_ARTIFACT}"
             OmegaConf.update(cfg, key, source, force_add=False)
         if isinstance(source, str) and source.startswith("runs:/"):
             lineage[key] = source
     return lineage
+
+
+def publish_model(
+    save: Callable[[Path], None], output_dir: Path, cfg: DictConfig, tracker: Tracker
+) -> Path:
+    """Save the final model with ``save`` into <output dir>/model and log it to MLflow (unless
+    tracking.log_model is false); returns the directory."""
+    final_dir = output_dir / MODEL_ARTIFACT
+    save(final_dir)
+    if cfg.tracking.log_model:
+        tracker.log_artifacts(final_dir, MODEL_ARTIFACT)
+    return final_dir
 
 
 def generation_controls(

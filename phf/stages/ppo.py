@@ -44,7 +44,12 @@ from phf.ppo import (
 )
 from phf.reward_model import RewardModel, score_texts
 from phf.scorers import build_scorer
-from phf.stages.common import build_evaluator, load_kl_reference, sample_kl_reference
+from phf.stages.common import (
+    build_evaluator,
+    load_kl_reference,
+    publish_model,
+    sample_kl_reference,
+)
 from phf.stages.pretrain import optimizer_groups
 from phf.tracking import Tracker
 
@@ -105,23 +110,6 @@ def response_mask(
     return (~after_stop).float(), is_stop.any(dim=1)
 
 
-@dataclass
-class Rollout:
-    prompts: list[str]
-    responses: list[str]
-    query_ids: torch.Tensor  # [n, Q], left-padded EOS + prompt
-    query_mask: torch.Tensor
-    response_ids: torch.Tensor  # [n, R], right-padded
-    mask: torch.Tensor  # [n, R] float
-    found_stop: torch.Tensor  # [n] bool
-    logprobs: torch.Tensor  # [n, R] under the policy that generated them
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    entropy: torch.Tensor  # [n, R]
-    scores: torch.Tensor  # [n] the reward function's, before the missing-stop penalty
-    generation_seconds: float
-
-
 def forward_response(
     model: PreTrainedModel,
     value_head: ValueHead | None,
@@ -166,6 +154,19 @@ class Responses:
     found_stop: torch.Tensor  # [n] bool
     texts: list[str]  # without the stop token
     seconds: float
+
+
+@dataclass
+class Rollout:
+    """One rollout batch: the generated responses and what PPO computes on them."""
+
+    prompts: list[str]
+    generated: Responses
+    logprobs: torch.Tensor  # [n, R] under the policy that generated them
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    entropy: torch.Tensor  # [n, R]
+    scores: torch.Tensor  # [n] the reward function's, before the missing-stop penalty
 
 
 @torch.no_grad()
@@ -252,34 +253,22 @@ def collect_rollout(
     placement: Placement,
 ) -> Rollout:
     generated = generate_responses(policy, tokenizer, prompts, stop_id, ppo, placement)
-    query_ids, query_mask = generated.query_ids, generated.query_mask
-    response_ids, mask, texts = generated.response_ids, generated.mask, generated.texts
-    found_stop, generation_seconds = generated.found_stop, generated.seconds
+    batch = (generated.query_ids, generated.query_mask, generated.response_ids, generated.mask)
+    constraint = (ppo.temperature, placement, stop_id, ppo.min_response_length)
     policy.eval()
     with torch.no_grad():
-        scores = reward_fn(prompts, texts).to(placement.device)
-        constraint = (ppo.temperature, placement, stop_id, ppo.min_response_length)
-        logprobs, values, logits = forward_response(
-            policy, value_head, query_ids, query_mask, response_ids, mask, *constraint
-        )
-        ref_logprobs, _, _ = forward_response(
-            reference, None, query_ids, query_mask, response_ids, mask, *constraint
-        )
+        scores = reward_fn(prompts, generated.texts).to(placement.device)
+        logprobs, values, logits = forward_response(policy, value_head, *batch, *constraint)
+        ref_logprobs, _, _ = forward_response(reference, None, *batch, *constraint)
     policy.train()
     return Rollout(
         prompts=prompts,
-        responses=texts,
-        query_ids=query_ids,
-        query_mask=query_mask,
-        response_ids=response_ids,
-        mask=mask,
-        found_stop=found_stop,
+        generated=generated,
         logprobs=logprobs,
         ref_logprobs=ref_logprobs,
         values=values,
-        entropy=entropy_from_logits(logits) * mask,
+        entropy=entropy_from_logits(logits) * generated.mask,
         scores=scores,
-        generation_seconds=generation_seconds,
     )
 
 
@@ -415,10 +404,12 @@ class PPOTraining:
             ppo,
             placement,
         )
-        mask = rollout.mask
+        mask = rollout.generated.mask
         scores = torch.nan_to_num(rollout.scores, nan=0.0)  # an unscorable text earns nothing
         if ppo.missing_stop_penalty is not None:
-            scores = torch.where(rollout.found_stop, scores, scores - ppo.missing_stop_penalty)
+            scores = torch.where(
+                rollout.generated.found_stop, scores, scores - ppo.missing_stop_penalty
+            )
         kl_coef = self.kl_controller.value
         rewards, kl = token_rewards(rollout.logprobs, rollout.ref_logprobs, scores, mask, kl_coef)
         if ppo.whiten_rewards:
@@ -459,10 +450,10 @@ class PPOTraining:
             "objective/rlhf_reward": float(scores.mean()) + non_score_reward,
             "objective/kl_coef": kl_coef,
             "val/response_length": float(mask.sum(dim=1).mean()),
-            "val/stop_fraction": float(rollout.found_stop.float().mean()),
+            "val/stop_fraction": float(rollout.generated.found_stop.float().mean()),
             "train/lr": self.scheduler.get_last_lr()[0],
             "time/episodes_per_s": ppo.rollout_batch_size / seconds,
-            "time/generation_share": rollout.generation_seconds / seconds,
+            "time/generation_share": rollout.generated.seconds / seconds,
         }
 
     def _update_piece(
@@ -475,13 +466,14 @@ class PPOTraining:
     ) -> dict[str, torch.Tensor]:
         """Forward and backward one micro-batch of a minibatch (weighed by its ``share``)."""
         ppo = self.cfg.ppo
-        mask = rollout.mask[piece]
+        generated = rollout.generated
+        mask = generated.mask[piece]
         logprobs, values, _ = forward_response(
             self.policy,
             self.value_head,
-            rollout.query_ids[piece],
-            rollout.query_mask[piece],
-            rollout.response_ids[piece],
+            generated.query_ids[piece],
+            generated.query_mask[piece],
+            generated.response_ids[piece],
             mask,
             ppo.temperature,
             self.placement,
@@ -549,7 +541,7 @@ def run_ppo(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
             tracker.log_table(
                 {
                     "prompt": rollout.prompts[:rows],
-                    "response": rollout.responses[:rows],
+                    "response": rollout.generated.texts[:rows],
                     "score": [round(float(s), 6) for s in rollout.scores[:rows]],
                 },
                 f"rollouts/rollout_{rollout_index:05d}.json",
@@ -580,9 +572,6 @@ def run_ppo(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
         if rollout_index % ppo.eval_rollouts == 0 or rollout_index == training.num_rollouts:
             run_eval(rollout_index, rollout)
 
-    final_dir = output_dir / "model"
-    training.save(final_dir)
-    if cfg.tracking.log_model:
-        tracker.log_artifacts(final_dir, "model")
+    final_dir = publish_model(training.save, output_dir, cfg, tracker)
     log.info("final policy saved to %s", final_dir)
     return last_metrics["score"]

@@ -56,7 +56,7 @@ from phf.models import (
 )
 from phf.objectives import Objective, build_objective
 from phf.preemption import PreemptionGuard
-from phf.stages.common import build_evaluator, load_kl_reference
+from phf.stages.common import build_evaluator, load_kl_reference, publish_model
 from phf.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -436,9 +436,6 @@ def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
     progress.close()
 
     if main:
-        final_dir = output_dir / "model"
-        training.save(final_dir)
-        if cfg.tracking.log_model:
-            tracker.log_artifacts(final_dir, "model")
+        final_dir = publish_model(training.save, output_dir, cfg, tracker)
         log.info("final model saved to %s", final_dir)
     return last_metrics["score"]

@@ -31,6 +31,7 @@ from phf.reward_model import (
     preference_metrics,
     score_texts,
 )
+from phf.stages.common import publish_model
 from phf.stages.pretrain import optimizer_groups
 from phf.tracking import Tracker
 
@@ -244,14 +245,9 @@ def run_reward(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
     else:
         source = "not normalised"
 
-    final_dir = output_dir / "model"
-    model.save(
-        final_dir,
-        tokenizer,
-        cfg,
-        {"normalized_on": source, "seed": cfg.seed, "eval_accuracy": metrics["eval/accuracy"]},
+    info = {"normalized_on": source, "seed": cfg.seed, "eval_accuracy": metrics["eval/accuracy"]}
+    final_dir = publish_model(
+        lambda directory: model.save(directory, tokenizer, cfg, info), output_dir, cfg, tracker
     )
-    if cfg.tracking.log_model:
-        tracker.log_artifacts(final_dir, "model")
     log.info("reward model saved to %s", final_dir)
     return metrics["eval/accuracy"]
