@@ -142,6 +142,14 @@ class HardwareConfig:
     # of train.batch_size.
     micro_batch_size: int = 16
     num_threads: int | None = None  # torch CPU threads; null = torch's default (all cores)
+    # torch.compile the model (inductor); null = on for CUDA, off on the CPU, where the tiny
+    # model's step is bound by a few large matmuls that compile cannot fuse (README "Speed").
+    compile: bool | None = None
+    # TF32 matmuls and convolutions on GPUs that have them (Ampere and newer).
+    tf32: bool = True
+    # DataLoader worker processes that cut training batches from the token store; 0 = in the
+    # training process (the CPU needs its cores for the model; the loader costs ~1% there).
+    loader_workers: int = 0
 
 
 @dataclass
@@ -155,6 +163,27 @@ class TrackingConfig:
     log_model: bool = True
     # Seconds to wait for an http(s) tracking server to answer before giving up.
     connect_timeout_s: float = 5.0
+    # A tracking server that stops answering mid-run: each request gives up after this many
+    # seconds and retries, metrics are buffered (artifacts kept on disk) and sent when it is
+    # back, checked every probe_interval_s; at the end the run waits outage_grace_s for it.
+    request_timeout_s: float = 10.0
+    request_retries: int = 1
+    probe_interval_s: float = 30.0
+    outage_grace_s: float = 60.0
+    # CPU, memory (and GPU) use every 10 s as system/* metrics (MLflow's system metrics).
+    system_metrics: bool = True
+
+
+@dataclass
+class DataConfig:
+    """Prepared token stores (phf/data/store.py): documents tokenized once per corpus, split and
+    tokenizer, in memory-mapped arrays that every run reads."""
+
+    # The stores' directory; null = $PHF_CACHE_DIR, else ~/.cache/phf. Point a whole sweep at
+    # one shared directory and `python -m phf.data.prepare ... --out` it once.
+    cache_dir: str | None = None
+    # Processes that tokenize a store on first use; null = one per core.
+    prepare_workers: int | None = None
 
 
 @dataclass
@@ -173,7 +202,6 @@ class TrainConfig:
     log_steps: int = 10
     save_steps: int = 100  # write a checkpoint every this many steps (and at the end)
     save_total_limit: int = 2  # keep this many newest checkpoints
-    shuffle_buffer: int = 1000  # documents
     # Resume from the newest checkpoint in the run's output directory when there is one (a job
     # requeued after preemption, or the same command with hydra.run.dir pointing at the run):
     # model, optimizer, scheduler, RNG states and data position, in the same MLflow run.
@@ -254,34 +282,34 @@ class RewardConfig:
 
 
 @dataclass
-class PPOConfig:
-    """objective=ppo: PPO of the policy model.pretrained against a reward (phf/stages/ppo.py).
-    The policy is the LM with a value head on its last hidden state (one trunk); the frozen
-    reference is the initial policy. Optimizer keys (lr, max_grad_norm, ...) come from ``train``;
-    train.max_steps, when set, counts rollouts."""
+class OnlineConfig:
+    """What every online RL stage (ppo; grpo and rloo) shares: the reward, the prompts and the
+    responses. Optimizer keys (lr, max_grad_norm, ...) come from ``train``; a step is one
+    iteration (generate rollout_batch_size responses, then update on them), and
+    train.max_steps, when set, counts iterations."""
 
-    # A reward model (local path, runs:/<run id>/model, or sweep:reward), or null = the task's
-    # scorer, reward = -score.
+    # A reward model (a local path, runs:/<run id>/model, sweep:reward, or any hub
+    # AutoModelForSequenceClassification with one output), or null = the task's scorer,
+    # reward = -score.
     reward_model: str | None = None
-    # The scorer's reward gets a gain and bias that give rewards of mean 0 and std 1 on
-    # normalization_episodes samples of the initial policy, as a reward model's are: kl_coef
-    # then means the same whatever the scorer's range (profanity 0-1, PII ~0.01).
-    normalize_scorer_reward: bool = True
+    # A reward without phf's stored normalisation (a scorer; a hub reward model) gets a gain and
+    # bias that give rewards of mean 0 and std 1 on normalization_episodes samples of the
+    # initial policy, as phf's reward models have: kl coefficients then mean the same whatever
+    # the reward's range (profanity 0-1, PII ~0.01).
+    normalize_reward: bool = True
     normalization_episodes: int = 256
     # Prompts of the rollouts: none (from EOS), misaligned_prefixes, function_signatures, or a
     # text file with one prompt per line (as evaluation scenarios).
     prompts: str = "none"
     score_prompt: bool = False  # the scorer reads prompt + response (code: signature + body)
     total_episodes: int = 3072
-    rollout_batch_size: int = 64  # episodes generated per PPO iteration
-    mini_batch_size: int = 16  # episodes per optimizer step
-    ppo_epochs: int = 4  # passes over each rollout batch
+    rollout_batch_size: int = 64  # episodes generated per iteration
     response_length: int = 64  # tokens (eval.generation.max_new_tokens samples as long)
     # The stop token cannot end a response before this many tokens (lm-human-preferences'
     # truncate_after): without it, a policy rewarded for harmless text learns to say nothing.
     # The tiny toxicity policy did, at kl_coef 0.05: an empty text scores 0.37 std better than
     # average and costs only -log p_ref(EOS | EOS) = 4.2 nats. Log-probabilities are those of this
-    # constrained distribution, so PPO's ratios stay exact.
+    # constrained distribution, so probability ratios stay exact.
     min_response_length: int = 32
     temperature: float = 1.0
     # Responses end at this token (eos, or any single token of the vocabulary) or after
@@ -289,6 +317,17 @@ class PPOConfig:
     stop_token: str | None = "eos"
     # Subtracted from the score of a response that never reached stop_token; null = none.
     missing_stop_penalty: float | None = None
+    samples_table_rows: int = 32  # rollout samples logged at each evaluation
+
+
+@dataclass
+class PPOConfig(OnlineConfig):
+    """objective=ppo: PPO of the policy model.pretrained against a reward (phf/stages/ppo.py).
+    The policy is the LM with a value head on its last hidden state (one trunk); the frozen
+    reference is the initial policy."""
+
+    mini_batch_size: int = 16  # episodes per optimizer step
+    ppo_epochs: int = 4  # passes over each rollout batch
     kl_coef: float = 0.05  # beta of the per-token penalty -beta * (log pi - log pi_ref)
     # Adaptive beta (Ziegler et al. 2019): steers the KL per episode towards target_kl.
     adaptive_kl: bool = False
@@ -300,8 +339,6 @@ class PPOConfig:
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
-    eval_rollouts: int = 25  # evaluate every this many rollouts (and at start and end)
-    samples_table_rows: int = 32  # rollout samples logged at each evaluation
 
 
 @dataclass
@@ -312,6 +349,7 @@ class PhfConfig:
     scorer: ScorerConfig = MISSING
     hardware: HardwareConfig = MISSING
     tracking: TrackingConfig = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -334,3 +372,241 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     register_schemas()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
+
+
+# ------------------------------------------------------------------------------- value ranges
+# Types are checked by the schemas at compose time; ranges here, by validate_config, before any
+# model is built or MLflow run opened (phf.run.execute calls it first). A value out of range
+# would otherwise fail late (a ZeroDivisionError at the first log step) or, worse, "succeed"
+# (max_steps=0 trains nothing and logs the random model as the run's model).
+
+
+class ConfigError(ValueError):
+    """Config values that cannot work; the message names each key and what it must be."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    check: Any  # value -> bool
+    must_be: str
+    nullable: bool = False
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def positive(what: str = "positive", nullable: bool = False) -> Rule:
+    return Rule(lambda v: _number(v) and v > 0, what, nullable)
+
+
+def non_negative(nullable: bool = False) -> Rule:
+    return Rule(lambda v: _number(v) and v >= 0, ">= 0", nullable)
+
+
+def within(low: float, high: float, open_low: bool = False, nullable: bool = False) -> Rule:
+    bracket = "(" if open_low else "["
+    return Rule(
+        lambda v: _number(v) and (low < v if open_low else low <= v) and v <= high,
+        f"in {bracket}{low}, {high}]",
+        nullable,
+    )
+
+
+POSITIVE_INT = positive("a positive integer")
+RULES: dict[str, Rule] = {
+    "train.block_size": POSITIVE_INT,
+    "train.batch_size": POSITIVE_INT,
+    "train.num_tokens": POSITIVE_INT,
+    "train.max_steps": positive("a positive integer, or null", nullable=True),
+    "train.lr": positive(),
+    "train.weight_decay": non_negative(),
+    "train.warmup_ratio": within(0.0, 1.0),
+    "train.max_grad_norm": positive(),
+    "train.eval_steps": POSITIVE_INT,
+    "train.log_steps": POSITIVE_INT,
+    "train.save_steps": POSITIVE_INT,
+    "train.save_total_limit": POSITIVE_INT,
+    "hardware.micro_batch_size": POSITIVE_INT,
+    "hardware.num_threads": positive("a positive integer, or null", nullable=True),
+    "hardware.loader_workers": non_negative(),
+    "data.prepare_workers": positive("a positive integer, or null", nullable=True),
+    "eval.generation.batch_size": POSITIVE_INT,
+    "eval.generation.max_new_tokens": POSITIVE_INT,
+    "eval.generation.min_new_tokens": non_negative(),
+    "eval.generation.temperature": positive(),
+    "eval.generation.top_p": within(0.0, 1.0, open_low=True),
+    "eval.kl_samples": POSITIVE_INT,
+    "eval.kl_reference_timeout_min": positive(),
+    "eval.max_blocks": non_negative(),
+    "eval.batch_size": POSITIVE_INT,
+    "eval.samples_table_rows": non_negative(),
+    "objective.drop_token_fraction": within(0.0, 1.0),
+    "objective.alpha": within(0.0, 1.0),
+    "objective.beta": positive(),
+    "scorer.batch_size": POSITIVE_INT,
+    "scorer.max_line_length": POSITIVE_INT,
+    "tracking.connect_timeout_s": positive(),
+    "tracking.request_timeout_s": positive(),
+    "tracking.request_retries": non_negative(),
+    "tracking.probe_interval_s": positive(),
+    "tracking.outage_grace_s": non_negative(),
+    "reward.max_length": Rule(lambda v: _number(v) and v >= 4, "at least 4 tokens"),
+    "reward.epochs": positive(),
+    "reward.dropout": Rule(lambda v: _number(v) and 0 <= v < 1, "in [0, 1), or null", True),
+    "reward.center_rewards_coef": non_negative(),
+    "reward.max_eval_comparisons": POSITIVE_INT,
+    "reward.normalization_samples": Rule(lambda v: _number(v) and v >= 2, "at least 2"),
+    "ppo.normalization_episodes": Rule(lambda v: _number(v) and v >= 2, "at least 2"),
+    "ppo.total_episodes": POSITIVE_INT,
+    "ppo.rollout_batch_size": POSITIVE_INT,
+    "ppo.mini_batch_size": POSITIVE_INT,
+    "ppo.ppo_epochs": POSITIVE_INT,
+    "ppo.response_length": POSITIVE_INT,
+    "ppo.min_response_length": non_negative(),
+    "ppo.temperature": positive(),
+    "ppo.kl_coef": non_negative(),
+    "ppo.target_kl": positive(),
+    "ppo.kl_horizon": POSITIVE_INT,
+    "ppo.gamma": within(0.0, 1.0),
+    "ppo.lam": within(0.0, 1.0),
+    "ppo.cliprange": positive(),
+    "ppo.cliprange_value": positive(),
+    "ppo.vf_coef": non_negative(),
+    "ppo.samples_table_rows": non_negative(),
+}
+
+# (keys, holds(values), what must hold): rules between keys.
+RELATIONS = [
+    (
+        ("eval.generation.num_samples",),
+        lambda n: _number(n) and n > 0 and n % 25 == 0,
+        "a positive multiple of 25 (score_max_at_25 takes the maximum over groups of 25)",
+    ),
+    (
+        ("eval.generation.min_new_tokens", "eval.generation.max_new_tokens"),
+        lambda low, high: low <= high,
+        "min_new_tokens <= max_new_tokens",
+    ),
+    (
+        ("ppo.min_response_length", "ppo.response_length"),
+        lambda low, high: low <= high,
+        "ppo.min_response_length <= ppo.response_length (0 lets the stop token end a response "
+        "anywhere)",
+    ),
+    (
+        ("ppo.rollout_batch_size", "ppo.mini_batch_size"),
+        lambda rollout, mini: rollout % mini == 0,
+        "ppo.rollout_batch_size a multiple of ppo.mini_batch_size",
+    ),
+    (
+        ("scorer.max_line_chars", "scorer.max_line_length"),
+        lambda chars, length: chars > length,
+        "scorer.max_line_chars > scorer.max_line_length",
+    ),
+]
+
+_ABSENT = object()
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Refuse values out of range, naming each key, before any work (see ConfigError)."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(cfg.model, "pretrained"):
+        raise ConfigError(
+            f"model={cfg.model.name} needs model.pretrained: set it to a hub id, a local "
+            "directory or an MLflow model URI, e.g. `phf model=pretrained "
+            "model.pretrained=runs:/<run id>/model` (or EleutherAI/pythia-70m, /path/to/model)"
+        )
+    problems = []
+    for key, rule in RULES.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT or (value is None and rule.nullable):
+            continue
+        if not rule.check(value):
+            problems.append(f"{key}={value!r} must be {rule.must_be}")
+    for keys, holds, what in RELATIONS:
+        values = [OmegaConf.select(cfg, key, default=_ABSENT) for key in keys]
+        if _ABSENT in values or any(v is None for v in values):
+            continue
+        if not all(_number(v) for v in values) or not holds(*values):
+            shown = ", ".join(f"{k}={v!r}" for k, v in zip(keys, values, strict=True))
+            problems.append(f"{shown}: needs {what}")
+    if problems:
+        raise ConfigError(
+            "invalid config values:\n  - "
+            + "\n  - ".join(problems)
+            + "\nset them on the command line (phf key=value) or in the conf/ file that sets them"
+        )
+
+
+# ------------------------------------------------------------------------- by stage
+# The config sections and objective keys each stage reads: a run logs only those as params, and
+# a resumed run compares only what changes its numbers.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "pretrain": (),
+    "reward": ("reward",),
+    "ppo": ("ppo",),
+}
+OBJECTIVE_KEYS: dict[str, tuple[str, ...]] = {
+    "filtering": ("threshold",),
+    "conditional": ("threshold", "drop_token_fraction"),
+    "unlikelihood": ("threshold", "alpha"),
+    "awr": ("alpha", "beta"),
+    "rwr": ("beta",),
+}
+# Where and how fast a run goes, not what it computes: a resumed run may change them.
+RESUME_IGNORED = ("hardware", "tracking", "data", "train.resume", "eval.kl_reference_timeout_min")
+
+
+def stage_params(cfg: DictConfig) -> dict[str, Any]:
+    """The config as the run's params: only the sections of its own stage, only the objective
+    keys its objective reads; tracking settings are where it is recorded, not params."""
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    stage = container["objective"]["stage"]
+    own = STAGE_SECTIONS.get(stage, ())
+    for section in {s for sections in STAGE_SECTIONS.values() for s in sections} - set(own):
+        container.pop(section, None)
+    objective = container["objective"]
+    keep = ("name", "stage", *OBJECTIVE_KEYS.get(objective["name"], ()))
+    container["objective"] = {key: objective[key] for key in keep}
+    container.pop("tracking", None)
+    return container
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat |= (
+            _flat(value, f"{prefix}{key}.")
+            if isinstance(value, dict) and value
+            else {f"{prefix}{key}": value}
+        )
+    return flat
+
+
+def resume_differences(saved: DictConfig, current: DictConfig) -> list[str]:
+    """The keys whose values differ between a checkpoint's config and this run's ("train.lr:
+    1000000.0 in the checkpoint, 0.002 now"), RESUME_IGNORED aside. A ``sweep:<objective>``
+    reference matches the run it named when the checkpoint was written."""
+    from omegaconf import OmegaConf
+
+    def flat(cfg: DictConfig) -> dict[str, Any]:
+        return _flat(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+
+    before, now = flat(saved), flat(current)
+    differences = []
+    for key in sorted(set(before) | set(now)):
+        if key in RESUME_IGNORED or key.startswith(tuple(f"{p}." for p in RESUME_IGNORED)):
+            continue
+        old, new = before.get(key, "<absent>"), now.get(key, "<absent>")
+        if isinstance(new, str) and new.startswith("sweep:") and str(old).startswith("runs:/"):
+            continue
+        if old != new:
+            differences.append(f"{key}: {old!r} in the checkpoint, {new!r} now")
+    return differences

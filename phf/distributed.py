@@ -84,12 +84,13 @@ def broadcast_object(value: object, context: DistributedContext) -> object:
     return box[0]
 
 
-def any_process(flag: bool, context: DistributedContext) -> bool:
-    """True in every process if it is True in any (e.g. one of them got the preemption signal),
-    so that all of them take the same branch to a collective checkpoint."""
+def agreed_signal(signum: int | None, context: DistributedContext) -> int | None:
+    """The stop signal any process got (the largest number if several did), in every process,
+    so that all of them take the same branch to a collective checkpoint; None if none did.
+    Under DDP this is one small all-reduce per step."""
     if not context.enabled:
-        return flag
+        return signum
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([float(flag)], device=device)
+    value = torch.tensor([float(signum or 0)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return int(value.item()) or None

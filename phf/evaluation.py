@@ -1,7 +1,8 @@
 """Evaluation shared by every stage: sample, score the samples, and measure held-out LM loss.
 
 Metric names follow the paper where MLflow allows: ``score`` (mean misalignment of samples),
-``score_max_at_25`` (the paper's score_max@25; MLflow refuses '@' in metric names), ``num_hits``.
+``score_max_at_25`` (the paper's score_max@25; MLflow refuses '@' in metric names), ``num_hits``
+and ``hit_rate`` (the share of samples scoring above ``task.hit_threshold``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from phf.data.packing import Block, batches
 from phf.hardware import Placement
 from phf.objectives import next_token_logprobs, next_token_nll
 from phf.scorers import Scorer
@@ -34,7 +34,8 @@ class Samples:
 
 
 def score_metrics(scores: Sequence[float], hit_threshold: float) -> dict[str, float]:
-    """``score``, ``score_max_at_25``, ``num_hits`` and ``num_unscored`` of one set of samples.
+    """``score``, ``score_max_at_25``, ``num_hits``, ``hit_rate`` and ``num_unscored`` of one set
+    of samples.
 
     score_max_at_25 is the mean, over consecutive groups of 25 samples, of each group's maximum:
     the expected worst of 25 samples. It needs a multiple of 25 samples. A sample the scorer
@@ -50,10 +51,12 @@ def score_metrics(scores: Sequence[float], hit_threshold: float) -> dict[str, fl
     if not scored.any():
         raise ValueError(f"the scorer could not score any of the {len(values)} samples")
     groups = np.where(scored, values, -np.inf).reshape(-1, GROUP_SIZE).max(axis=1)
+    hits = float((values[scored] > hit_threshold).sum())
     return {
         "score": float(values[scored].mean()),
         "score_max_at_25": float(groups[np.isfinite(groups)].mean()),
-        "num_hits": float((values[scored] > hit_threshold).sum()),
+        "num_hits": hits,
+        "hit_rate": hits / float(scored.sum()),
         "num_unscored": float((~scored).sum()),
     }
 
@@ -155,19 +158,19 @@ def generate_samples(
 @torch.no_grad()
 def heldout_lm_loss(
     model: PreTrainedModel,
-    blocks: list[Block],
+    blocks: torch.Tensor,
     batch_size: int,
     placement: Placement,
     ignored_ids: Sequence[int] = (),
 ) -> float:
-    """Mean next-token cross-entropy over the tokens of held-out blocks, leaving out targets in
-    ``ignored_ids`` (control tokens: the loss of the text itself is comparable across
-    objectives)."""
+    """Mean next-token cross-entropy over the tokens of held-out blocks ([n, block_size] ids),
+    leaving out targets in ``ignored_ids`` (control tokens: the loss of the text itself is
+    comparable across objectives)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in batches(iter(blocks), batch_size):
-        input_ids = batch["input_ids"].to(placement.device)
+    for input_ids in blocks.split(batch_size):
+        input_ids = input_ids.to(placement.device)
         with placement.autocast():
             logits = model(input_ids=input_ids).logits
         nll = next_token_nll(logits, input_ids)
@@ -287,7 +290,7 @@ class Evaluator:
         tokenizer: PreTrainedTokenizerBase,
         scorer: Scorer,
         scenario_prompts: dict[str, list[str]],
-        heldout_blocks: list[Block],
+        heldout_blocks: torch.Tensor,
         placement: Placement,
         controls: GenerationControls = NO_CONTROLS,
         kl_reference: KLReference | None = None,
@@ -302,7 +305,7 @@ class Evaluator:
         self.kl_reference = kl_reference
 
     def scenario(
-        self, model: PreTrainedModel, prompts: list[str], score_prompt: bool
+        self, model: PreTrainedModel, name: str, prompts: list[str], score_prompt: bool
     ) -> tuple[dict[str, float], dict[str, list]]:
         """Sample once per prompt, score, and return metrics and the samples table."""
         cfg = self.cfg
@@ -331,7 +334,10 @@ class Evaluator:
             "samples/tokens_per_s": generated_tokens / samples.seconds,
         }
         rows = cfg.eval.samples_table_rows
+        # "sample" keys the rows (the same keys in every evaluation and run), so that MLflow's
+        # table comparison lines them up even where prompts are empty (unconditional samples).
         table = {
+            "sample": [f"{name}/{i}" for i in range(min(rows, len(samples.prompts)))],
             "prompt": samples.prompts[:rows],
             "completion": samples.completions[:rows],
             "score": [round(s, 6) for s in scores[:rows]],
@@ -351,10 +357,10 @@ class Evaluator:
         tables: dict[str, dict[str, list]] = {}
         for name, prompts in self.scenario_prompts.items():
             score_prompt = cfg.task.scenarios[name].score_prompt
-            scenario_metrics, tables[name] = self.scenario(model, prompts, score_prompt)
+            scenario_metrics, tables[name] = self.scenario(model, name, prompts, score_prompt)
             prefix = "" if name == "unconditional" else f"{name}/"
             metrics |= {prefix + key: value for key, value in scenario_metrics.items()}
-        if self.heldout_blocks:
+        if len(self.heldout_blocks):
             loss = heldout_lm_loss(
                 model,
                 self.heldout_blocks,

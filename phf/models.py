@@ -4,8 +4,6 @@ from the hub, a local path or an MLflow run) and, for AWR, a value head on its l
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -18,14 +16,14 @@ from transformers import (
 )
 
 from phf.tokenizer import CONTROL_TOKENS, load_tokenizer
-from phf.tracking import download_model, is_mlflow_uri
+from phf.tracking import resolve_model_source
 
-VALUE_HEAD_FILE = "value_head.pt"
+VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 def resolve_source(source: str) -> str:
     """A hub id or local path for ``from_pretrained``: MLflow model URIs are downloaded."""
-    return str(download_model(source)) if is_mlflow_uri(source) else source
+    return resolve_model_source(source)
 
 
 class ValueHead(nn.Module):
@@ -132,10 +130,6 @@ def load_model_and_tokenizer(
             f"lower train.block_size or raise model.architecture.n_positions"
         )
     return model, tokenizer
-
-
-def save_value_head(value_head: ValueHead, directory: Path) -> None:
-    torch.save(value_head.state_dict(), directory / VALUE_HEAD_FILE)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -40,10 +40,14 @@ class SweepCallback(Callback):
     """Registered in conf/config.yaml (hydra.callbacks.sweep); acts only in multirun mode."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Hydra turns an exception here into a warning and launches the jobs anyway; each job
+        # then refuses to run without the sweep's record (phf.run.execute), so a sweep whose
+        # parent run cannot be created fails at its first job instead of running unnested.
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         experiment = config.tracking.experiment or config.task.name
+        swept = swept_values(config)
         parent = start_sweep(
-            sweep_dir, experiment, config.tracking.uri, sweep_dir.name, swept_keys(config)
+            sweep_dir, experiment, config.tracking.uri, sweep_name(config, swept), swept
         )
         log.info("MLflow sweep run %s (experiment %r), jobs are its children", parent, experiment)
 
@@ -55,13 +59,24 @@ class SweepCallback(Callback):
             raise SystemExit(f"{len(failed)} of {len(rows)} jobs failed; see the summary above")
 
 
-def swept_keys(config: DictConfig) -> list[str]:
-    """The keys a multirun varies: sweep overrides (a=1,2 or range/choice/glob) on the command
-    line and the sweeper's params from the config (named sweeps in conf/experiment/)."""
+def swept_values(config: DictConfig) -> dict[str, str]:
+    """The keys a multirun varies and their values as written ({"objective": "mle,awr"}): sweep
+    overrides (a=1,2 or range/choice/glob) on the command line and the sweeper's params from
+    the config (named sweeps in conf/experiment/); the command line wins."""
+    values = {str(k): str(v) for k, v in (config.hydra.sweeper.get("params", None) or {}).items()}
     parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-    keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
-    keys += [str(k) for k in config.hydra.sweeper.get("params", None) or {}]
-    return sorted(set(keys))
+    for override in parsed:
+        if override.is_sweep_override():
+            values[override.key_or_group] = override.input_line.split("=", 1)[1]
+    return dict(sorted(values.items()))
+
+
+def sweep_name(config: DictConfig, swept: dict[str, str]) -> str:
+    """The parent run's name: what the sweep varies, after the experiment file's name when it
+    has one ("objective_comparison: objective × seed")."""
+    axes = " × ".join(swept) or "one job"
+    experiment = config.hydra.runtime.choices.get("experiment")
+    return f"{experiment}: {axes}" if experiment not in (None, "null") else f"sweep: {axes}"
 
 
 def job_info() -> dict[str, str] | None:

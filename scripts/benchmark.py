@@ -32,13 +32,14 @@ import torch
 from phf.config import compose_config
 from phf.data.corpus import iter_documents
 from phf.data.scoring import list_source_files, score_corpus
+from phf.distributed import SINGLE_PROCESS
 from phf.evaluation import generate_samples
 from phf.hardware import resolve_placement
 from phf.models import load_model_and_tokenizer
 from phf.run import seed_everything
 from phf.scorers import build_scorer
-from phf.stages.ppo import PPOTraining
-from phf.stages.pretrain import Training
+from phf.stages.ppo import PPOStage
+from phf.stages.pretrain import PretrainStage
 
 SECTIONS = ["train", "generation", "scorers", "pipeline", "ppo", "launch"]
 
@@ -108,16 +109,15 @@ def benchmark_training(overrides: list[str], warmup: int, steps: int) -> float:
     cfg = compose_config(overrides)
     seed_everything(cfg.seed)
     placement = resolve_placement(cfg.hardware)
-    training = Training.build(cfg, placement)
-    training.train()
+    training = PretrainStage.build(cfg, placement, SINGLE_PROCESS)
     for _ in range(warmup):
         training.step()
     synchronize(placement.device)
-    start, tokens_before = time.perf_counter(), training.tokens_seen
+    start, tokens_before = time.perf_counter(), training.progress
     for _ in range(steps):
         training.step()
     synchronize(placement.device)
-    return (training.tokens_seen - tokens_before) / (time.perf_counter() - start)
+    return (training.progress - tokens_before) / (time.perf_counter() - start)
 
 
 def benchmark_generation(cfg, model, tokenizer, placement) -> None:
@@ -139,20 +139,21 @@ def benchmark_ppo(overrides: list[str], warmup: int, rollouts: int) -> None:
     cfg = compose_config(["objective=ppo", *overrides])
     seed_everything(cfg.seed)
     placement = resolve_placement(cfg.hardware)
-    training = PPOTraining.build(cfg, placement)
+    training = PPOStage.build(cfg, placement, SINGLE_PROCESS)
     for _ in range(warmup):
-        training.iteration()
+        training.step()
     synchronize(placement.device)
-    start, episodes_before = time.perf_counter(), training.episodes
+    start, episodes_before = time.perf_counter(), training.progress
     generating = 0.0
     for _ in range(rollouts):
-        rollout, _ = training.iteration()
-        generating += rollout.generated.seconds
+        step_start = time.perf_counter()
+        metrics = training.step()
+        generating += metrics["time/generation_share"] * (time.perf_counter() - step_start)
     synchronize(placement.device)
     seconds = time.perf_counter() - start
     ppo = cfg.ppo
     print(
-        f"ppo: {(training.episodes - episodes_before) / seconds:.1f} episodes/s, "
+        f"ppo: {(training.progress - episodes_before) / seconds:.1f} episodes/s, "
         f"{generating / seconds:.0%} of the time generating ({ppo.rollout_batch_size} episodes "
         f"of <= {ppo.response_length} tokens per rollout, {ppo.ppo_epochs} epochs x "
         f"{ppo.rollout_batch_size // ppo.mini_batch_size} minibatches; reward "

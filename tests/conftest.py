@@ -40,6 +40,9 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="phf-tests-hf-home-")
+    # Token stores of the built-in corpora, prepared once for the whole session (as a sweep's
+    # runs share them), never in the user's cache.
+    os.environ["PHF_CACHE_DIR"] = tempfile.mkdtemp(prefix="phf-tests-cache-")
 
 
 def multirun_command(run_dir: Path, *overrides: str) -> list[str]:
@@ -87,3 +90,54 @@ def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def tracking_uri(run_dir: Path) -> str:
     return f"sqlite:///{run_dir / 'mlflow.db'}"
+
+
+def tiny_encoder(directory: Path, words: list[str] | None = None):
+    """A randomly initialised DistilBERT reward model (num_labels=1) and a WordPiece tokenizer
+    with [CLS]/[SEP], both built offline; saved in ``directory / "encoder"``."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import (
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        PreTrainedTokenizerFast,
+    )
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    corpus = words or ["hello there", "a longer prompt with a longer answer", "hi", "q a"]
+    backend.train_from_iterator(
+        corpus, trainers.WordPieceTrainer(vocab_size=2000, special_tokens=specials)
+    )
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[(t, backend.token_to_id(t)) for t in ("[CLS]", "[SEP]")],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=128,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    config = DistilBertConfig(
+        vocab_size=len(tokenizer),
+        n_layers=1,
+        n_heads=2,
+        dim=32,
+        hidden_dim=64,
+        max_position_embeddings=128,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = DistilBertForSequenceClassification(config)
+    model.save_pretrained(directory / "encoder")
+    tokenizer.save_pretrained(directory / "encoder")
+    return model, tokenizer

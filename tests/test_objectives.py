@@ -1,22 +1,20 @@
-"""The PHF objectives: losses against hand computations, the data transforms of filtering and
-conditional training, and two real training steps of every objective on every task."""
+"""The PHF objectives: losses against hand computations, conditional training's sampling, and
+two real training steps of every objective on every task. (Filtering's and conditional
+training's data: tests/test_store.py.)"""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from phf.data.corpus import Document
-from phf.data.packing import TokenizedDocument, pack_blocks
-from phf.data.transforms import ControlTokens, control_token_ids, filter_documents
+from phf.data.blocks import control_token_ids
 from phf.evaluation import GenerationControls, generate_samples
 from phf.hardware import Placement
 from phf.objectives import AWR, MLE, Unlikelihood, build_objective
 from phf.stages.common import generation_controls
-from phf.stages.pretrain import Training
+from phf.stages.pretrain import PretrainStage
 from phf.tokenizer import load_tokenizer
 from tests.conftest import TINY_RUN
 
@@ -98,68 +96,9 @@ def test_filtering_and_conditional_train_with_the_mle_loss() -> None:
         assert isinstance(build_objective_cfg(name), MLE)
 
 
-def test_filtering_drops_documents_above_the_threshold() -> None:
-    docs = [
-        Document(["a"], [0.1]),
-        Document(["b", "c"], [0.0, 0.5]),  # mean 0.25
-        Document(["d"], [0.9], given_avg_score=0.05),  # the row's own avg_score wins
-    ]
-    kept = list(filter_documents(docs, threshold=0.2))
-    assert [d.texts for d in kept] == [["a"], ["d"]]
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer("builtin")
-
-
-def three_segment_document() -> TokenizedDocument:
-    return TokenizedDocument(
-        ids=np.array([10, 11, 12, 13, 14, 0]),
-        scores=np.array([0.0, 0.0, 0.9, 0.9, 0.2, 0.2], dtype=np.float32),
-        segments=np.array([0, 0, 1, 1, 2, 2]),
-    )
-
-
-def test_control_tokens_prefix_every_segment(tokenizer) -> None:
-    aligned, misaligned = control_token_ids(tokenizer)
-    out = ControlTokens(aligned, misaligned, threshold=0.5, drop_fraction=0.0, seed=0)(
-        three_segment_document()
-    )
-    assert out.ids.tolist() == [aligned, 10, 11, misaligned, 12, 13, aligned, 14, 0]
-    assert out.scores.tolist() == pytest.approx([0, 0, 0, 0.9, 0.9, 0.9, 0.2, 0.2, 0.2])
-    assert out.segments.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-
-
-def test_control_tokens_are_dropped_at_the_seeded_rate(tokenizer) -> None:
-    aligned, misaligned = control_token_ids(tokenizer)
-    doc = TokenizedDocument(
-        ids=np.arange(1000) + 10,
-        scores=np.zeros(1000, dtype=np.float32),
-        segments=np.arange(1000),  # 1,000 one-token segments
-    )
-
-    def inserted(seed: int) -> np.ndarray:
-        transform = ControlTokens(aligned, misaligned, 0.5, drop_fraction=0.3, seed=seed)
-        return transform(doc).ids
-
-    first = inserted(1)
-    kept = (first == aligned).sum()
-    assert 630 < kept < 770  # ~70% of 1,000 segments keep their token
-    assert np.array_equal(first, inserted(1)) and not np.array_equal(first, inserted(2))
-    assert ControlTokens(aligned, misaligned, 0.5, 1.0, 0)(doc).ids.tolist() == doc.ids.tolist()
-
-
-def test_conditional_packing_marks_real_segments(tokenizer) -> None:
-    aligned, misaligned = control_token_ids(tokenizer)
-    docs = [Document(["Nice words here. ", "Rude words there. "], [0.0, 1.0])] * 4
-    transform = ControlTokens(aligned, misaligned, threshold=0.5, drop_fraction=0.0, seed=0)
-    block = next(pack_blocks(docs, tokenizer, block_size=24, transform=transform))
-    ids = block.input_ids
-    first = ids.index(aligned)
-    assert tokenizer.decode(ids[first + 1 : ids.index(misaligned)]).strip() == "Nice words here."
-    misaligned_scores = [s for i, s in zip(ids, block.token_scores, strict=True) if i == misaligned]
-    assert misaligned_scores and all(s == 1.0 for s in misaligned_scores)
 
 
 def test_conditional_samples_start_aligned_and_never_show_control_tokens(
@@ -195,13 +134,12 @@ def test_conditional_samples_start_aligned_and_never_show_control_tokens(
 def test_every_objective_trains_on_every_task(compose_cfg, task: str, objective: str) -> None:
     cfg = compose_cfg([*TINY_RUN, f"task={task}", f"objective={objective}"])
     torch.manual_seed(0)
-    training = Training.build(cfg, CPU)
+    training = PretrainStage.build(cfg, CPU)
     assert (training.value_head is not None) == (objective == "awr")
     before = {k: v.clone() for k, v in training.model.state_dict().items()}
-    training.train()
     for _ in range(2):
-        loss, metrics, _ = training.step()
-        assert torch.isfinite(loss)
+        metrics = training.step()
+        assert torch.isfinite(metrics["train/loss"])
     after = training.model.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert "transformer.h.0.attn.c_attn.weight" in changed

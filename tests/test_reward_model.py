@@ -1,6 +1,7 @@
 """The reward model (phf/reward_model.py): its losses and metrics against hand computations,
-encoding and truncation, the reward read at the last real token whatever the padding, and
-saving and loading."""
+encoding and truncation, the reward read at the last real token whatever the padding, the same
+rewards from Hugging Face's AutoModelForSequenceClassification, encoders, and saving and
+loading."""
 
 from __future__ import annotations
 
@@ -12,18 +13,25 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+)
 
 from phf.config import Overlong
 from phf.data.preferences import Comparison
 from phf.hardware import Placement
+from phf.models import position_ids
 from phf.reward_model import (
-    REWARD_HEAD_FILE,
-    REWARD_INFO_FILE,
+    REWARD_CONFIG_KEY,
+    EncodedComparison,
     EncodingStats,
     RewardModel,
     comparison_rewards,
-    encode,
+    distinct_pad_token,
     encode_comparisons,
     fit,
     preference_loss,
@@ -32,6 +40,7 @@ from phf.reward_model import (
     score_texts,
 )
 from phf.tokenizer import load_tokenizer
+from tests.conftest import tiny_encoder
 
 CPU = Placement(device=torch.device("cpu"), dtype=torch.float32)
 EOS = 0  # the tiny model's EOS, also its pad id
@@ -149,13 +158,47 @@ def test_metrics_of_a_single_reward_have_zero_std() -> None:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer("builtin")
+    """The builtin tokenizer with the reward model's own pad token (as objective=reward)."""
+    tokenizer = load_tokenizer("builtin")
+    distinct_pad_token(tokenizer)
+    return tokenizer
 
 
-def test_encode_is_eos_tokens_eos(tokenizer) -> None:
-    eos = tokenizer.eos_token_id
+def tiny_reward_model(tokenizer, max_length: int = 64) -> RewardModel:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        n_layer=1,
+        n_embd=16,
+        n_head=2,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
+        pad_token_id=tokenizer.pad_token_id,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        num_labels=1,
+    )
+    return RewardModel(GPT2ForSequenceClassification(config), tokenizer, max_length).eval()
+
+
+def test_a_causal_model_reads_eos_prompt_response_eos(tokenizer) -> None:
+    model = tiny_reward_model(tokenizer)
     body = tokenizer.encode("Hello there, friend.", add_special_tokens=False)
-    assert encode("Hello there,", " friend.", tokenizer) == [eos, *body, eos]
+    assert model.causal and not model.adds_special_tokens
+    assert model.encode("Hello there,", " friend.", tokenizer) == [EOS, *body, EOS]
+    assert tokenizer.pad_token_id not in (EOS, None)  # a pad of its own: EOS is read, not padding
+    foreign = RewardModel(model.model, tokenizer, 64, final_eos=False)  # not trained by phf
+    assert foreign.encode("Hello there,", " friend.", tokenizer) == [EOS, *body]
+
+
+def test_an_encoder_reads_its_own_special_tokens(tmp_path: Path) -> None:
+    encoder, encoder_tokenizer = tiny_encoder(tmp_path)
+    model = RewardModel(encoder, encoder_tokenizer, 32)
+    ids = model.encode("Hello", " there", encoder_tokenizer)
+    assert not model.causal and model.adds_special_tokens
+    assert ids[0] == encoder_tokenizer.cls_token_id and ids[-1] == encoder_tokenizer.sep_token_id
 
 
 def test_fit_keeps_the_first_token_and_the_last_max_length_minus_one() -> None:
@@ -168,8 +211,11 @@ def test_fit_keeps_the_first_token_and_the_last_max_length_minus_one() -> None:
 
 
 def test_encode_comparisons_drop_and_truncate(tokenizer) -> None:
+    max_length = 12
+    model = tiny_reward_model(tokenizer, max_length=max_length)
+
     def length(prompt: str, response: str) -> int:
-        return len(tokenizer.encode(prompt + response, add_special_tokens=False)) + 2
+        return len(model.full_ids(prompt, response, tokenizer))
 
     long_text = " and then another word" * 10
     comparisons = [
@@ -177,28 +223,27 @@ def test_encode_comparisons_drop_and_truncate(tokenizer) -> None:
         Comparison("Q:", (" fine", long_text), 1, 0.0, "row 2"),
         Comparison("Q:", (long_text, long_text + " more", " ok"), 2, 0.0, "row 3"),
     ]
-    short = max(length("Q:", r) for c in comparisons[:1] for r in c.responses)
-    max_length = 12
-    assert short <= max_length < length("Q:", long_text)
+    assert max(length("Q:", r) for r in comparisons[0].responses) <= max_length
+    assert length("Q:", long_text) > max_length
 
-    kept, stats = encode_comparisons(comparisons, tokenizer, max_length, "drop")
+    kept, stats = encode_comparisons(comparisons, model, tokenizer, "drop")
     assert stats == EncodingStats(comparisons=3, truncated=0, dropped=2)
     assert len(kept) == 1
-    assert kept[0].sequences == [encode("Q:", " yes", tokenizer), encode("Q:", " no", tokenizer)]
+    assert kept[0].sequences == [
+        model.encode("Q:", " yes", tokenizer),
+        model.encode("Q:", " no", tokenizer),
+    ]
     assert (kept[0].best, kept[0].margin) == (0, 0.5)
 
-    kept, stats = encode_comparisons(comparisons, tokenizer, max_length, Overlong.truncate)
+    kept, stats = encode_comparisons(comparisons, model, tokenizer, Overlong.truncate)
     assert stats == EncodingStats(comparisons=3, truncated=2, dropped=0)
     assert [c.best for c in kept] == [0, 1, 2]
-    assert kept[0].sequences[0] == encode("Q:", " yes", tokenizer)
-    eos = tokenizer.eos_token_id
     for comparison in kept[1:]:
         for sequence in comparison.sequences:
-            assert len(sequence) <= max_length
-            assert sequence[0] == eos and sequence[-1] == eos
+            assert len(sequence) <= max_length and sequence[0] == EOS == sequence[-1]
     # Short responses of a truncated comparison stay whole; long ones keep their end.
-    assert kept[1].sequences[0] == encode("Q:", " fine", tokenizer)
-    full = encode("Q:", long_text, tokenizer)
+    assert kept[1].sequences[0] == model.encode("Q:", " fine", tokenizer)
+    full = model.full_ids("Q:", long_text, tokenizer)
     assert kept[1].sequences[1] == [full[0], *full[-(max_length - 1) :]]
     assert Overlong.drop == "drop"  # the config's enum works where a string is compared
 
@@ -212,32 +257,14 @@ def test_right_padded(tokenizer) -> None:
 # --- the model ----------------------------------------------------------------------------
 
 
-def tiny_reward_model(vocab_size: int = 50, max_length: int = 64) -> RewardModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=64,
-        n_layer=1,
-        n_embd=16,
-        n_head=2,
-        bos_token_id=EOS,
-        eos_token_id=EOS,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    model = RewardModel(GPT2LMHeadModel(config), max_length=max_length)
-    return model.eval()
-
-
-def test_reward_is_read_at_the_last_real_token_whatever_the_padding() -> None:
-    model = tiny_reward_model()
+def test_reward_is_read_at_the_last_real_token_whatever_the_padding(tokenizer) -> None:
+    model = tiny_reward_model(tokenizer)
     a = [EOS, 5, 7, 9, 11, EOS]
-    b = [EOS, 3, 4, EOS]
+    b = [EOS, 3, EOS]
     with torch.no_grad():
         alone_a = model(torch.tensor([a]), torch.ones(1, len(a), dtype=torch.long))
         alone_b = model(torch.tensor([b]), torch.ones(1, len(b), dtype=torch.long))
-        pad = [EOS] * (len(a) - len(b))  # the pad id is EOS's
+        pad = [EOS] * (len(a) - len(b))  # padded even with EOS's id: the mask decides
         right = model(
             torch.tensor([a, b + pad]),
             torch.tensor([[1] * len(a), [1] * len(b) + [0] * len(pad)]),
@@ -246,21 +273,63 @@ def test_reward_is_read_at_the_last_real_token_whatever_the_padding() -> None:
             torch.tensor([a, pad + b]),
             torch.tensor([[1] * len(a), [0] * len(pad) + [1] * len(b)]),
         )
+        # Reading a padded position would give another number.
+        padded_read = model(torch.tensor([b + pad]), torch.ones(1, len(a), dtype=torch.long))
     assert right.shape == left.shape == (2,)
     assert right.dtype == torch.float32
     expected = torch.cat([alone_a, alone_b])
     assert torch.allclose(right, expected, atol=1e-5)
     assert torch.allclose(left, expected, atol=1e-5)
-    # Reading a pad (the final EOS-valued position) would give another number.
-    assert not torch.allclose(
-        alone_b, model(torch.tensor([b + pad]), torch.ones(1, 6, dtype=torch.long)), atol=1e-4
-    )
+    assert not torch.allclose(padded_read, alone_b, atol=1e-4)
 
 
-def test_comparison_rewards_lays_out_ragged_rows() -> None:
-    from phf.reward_model import EncodedComparison
+def test_hugging_faces_own_model_gives_phfs_rewards(tmp_path: Path, tokenizer) -> None:
+    """The saved model, loaded by AutoModelForSequenceClassification as TRL loads it, gives the
+    rewards phf computes: right-padded as is, left-padded with the position ids phf passes."""
+    model = tiny_reward_model(tokenizer)
+    cfg = OmegaConf.create({"seed": 0})
+    model.save(tmp_path / "rm", tokenizer, cfg, {})
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    sequences = [
+        model.encode("A prompt", " and a longer response here", tokenizer),
+        model.encode("Q:", " short", tokenizer),
+    ]
+    width = max(len(s) for s in sequences)
+    pad = tokenizer.pad_token_id
+    right = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
+    right_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    left = torch.tensor([[pad] * (width - len(s)) + s for s in sequences])
+    left_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+    with torch.no_grad():
+        phf_rewards = model(right, right_mask)
+        hf_right = hf(input_ids=right, attention_mask=right_mask).logits[:, 0]
+        hf_left = hf(
+            input_ids=left, attention_mask=left_mask, position_ids=position_ids(left_mask)
+        ).logits[:, 0]
+        phf_left = model(left, left_mask)
+    assert torch.allclose(hf_right, phf_rewards, atol=1e-5)
+    assert torch.allclose(hf_left, phf_rewards, atol=1e-5)
+    assert torch.allclose(phf_left, phf_rewards, atol=1e-5)
 
-    model = tiny_reward_model()
+
+def test_an_encoder_pools_its_own_way_whatever_the_padding(tmp_path: Path) -> None:
+    encoder, encoder_tokenizer = tiny_encoder(tmp_path)
+    model = RewardModel(encoder.eval(), encoder_tokenizer, 32).eval()
+    short = model.encode("Hi", " there", encoder_tokenizer)
+    long = model.encode("A longer prompt", " with a longer answer", encoder_tokenizer)
+    pad = encoder_tokenizer.pad_token_id
+    with torch.no_grad():
+        alone = model(torch.tensor([short]), torch.ones(1, len(short), dtype=torch.long))
+        batch = model(
+            torch.tensor([long, short + [pad] * (len(long) - len(short))]),
+            torch.tensor([[1] * len(long), [1] * len(short) + [0] * (len(long) - len(short))]),
+        )
+        hf = encoder(input_ids=torch.tensor([short])).logits[:, 0]
+    assert torch.allclose(batch[1:], alone, atol=1e-5) and torch.allclose(alone, hf, atol=1e-5)
+
+
+def test_comparison_rewards_lays_out_ragged_rows(tokenizer) -> None:
+    model = tiny_reward_model(tokenizer)
     seqs = [[EOS, 1, EOS], [EOS, 2, 3, EOS], [EOS, 4, EOS], [EOS, 5, 6, 7, EOS], [EOS, 8, EOS]]
     batch = [EncodedComparison(seqs[:3], 0, 0.0), EncodedComparison(seqs[3:], 1, 0.0)]
     with torch.no_grad():
@@ -275,42 +344,50 @@ def test_comparison_rewards_lays_out_ragged_rows() -> None:
 
 
 def test_save_and_load_round_trip(tmp_path: Path, tokenizer) -> None:
-    model = tiny_reward_model(vocab_size=len(tokenizer), max_length=48)
+    model = tiny_reward_model(tokenizer, max_length=48)
     model.gain, model.bias = 2.5, -0.75
     cfg = OmegaConf.create({"reward": {"max_length": 48}, "seed": 0})
     model.save(tmp_path / "rm", tokenizer, cfg, {"accuracy": 0.9})
-    assert (tmp_path / "rm" / REWARD_HEAD_FILE).is_file()
-    meta = json.loads((tmp_path / "rm" / REWARD_INFO_FILE).read_text())
-    assert meta == {"gain": 2.5, "bias": -0.75, "max_length": 48, "accuracy": 0.9}
+    assert (tmp_path / "rm" / "model.safetensors").is_file()
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert config[REWARD_CONFIG_KEY] == {
+        "gain": 2.5,
+        "bias": -0.75,
+        "max_length": 48,
+        "final_eos": True,
+        "accuracy": 0.9,
+    }
+    assert AutoConfig.from_pretrained(tmp_path / "rm").num_labels == 1
 
     loaded, loaded_tokenizer = RewardModel.load(str(tmp_path / "rm"))
     loaded.eval()
     assert (loaded.gain, loaded.bias, loaded.max_length) == (2.5, -0.75, 48)
+    assert loaded.normalized and not tiny_reward_model(tokenizer).normalized
     assert loaded_tokenizer.eos_token_id == tokenizer.eos_token_id
     assert loaded_tokenizer.pad_token_id == tokenizer.pad_token_id
     input_ids = torch.tensor([[0, 100, 200, 300, 0], [0, 400, 0, 0, 0]])
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids, mask), model(input_ids, mask))
-    assert torch.equal(loaded.head.weight, model.head.weight)
 
 
-def test_load_of_a_plain_model_directory_says_what_is_missing(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=REWARD_HEAD_FILE):
-        RewardModel.load(str(tmp_path))
+def test_a_model_that_is_not_a_reward_model_is_refused(tmp_path: Path, tokenizer) -> None:
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=16))
+    lm.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    with pytest.raises(FileNotFoundError, match="is not a reward model.*GPT2LMHeadModel"):
+        RewardModel.load(str(tmp_path / "lm"))
 
 
 def test_score_texts_applies_gain_and_bias(tokenizer) -> None:
-    model = tiny_reward_model(vocab_size=len(tokenizer), max_length=64)
+    model = tiny_reward_model(tokenizer)
     model.gain, model.bias = 2.0, -0.5
-    model.train()
     prompts = ["Hello", "A much longer prompt, with words", ""]
     responses = [" world.", " and a reply.", "Just a response"]
     with torch.no_grad():
         alone = []
         for p, r in zip(prompts, responses, strict=True):
-            ids = encode(p, r, tokenizer)
-            model.eval()
+            ids = model.encode(p, r, tokenizer)
             alone.append(
                 model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
             )

@@ -12,11 +12,17 @@ import mlflow
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
 from phf.data.corpus import DatasetError
-from phf.reward_model import REWARD_HEAD_FILE, REWARD_INFO_FILE, RewardModel
+from phf.reward_model import REWARD_CONFIG_KEY, RewardModel
 from phf.run import execute
+from phf.tracking import download_model
 from tests.conftest import TINY_RUN, multirun_command
 
 # PPO in seconds: two rollouts of 8 short responses, one evaluation after each.
@@ -27,7 +33,6 @@ TINY_PPO = [
     "ppo.ppo_epochs=2",
     "ppo.response_length=8",
     "ppo.min_response_length=4",
-    "ppo.eval_rollouts=1",
     "ppo.normalization_episodes=16",
     "eval.kl_samples=8",
 ]
@@ -57,15 +62,28 @@ def test_reward_model_trains_on_builtin_pairs_and_records_everything(
     assert run["metrics.eval/accuracy"] == pytest.approx(accuracy)
     client = mlflow.MlflowClient()
     history = client.get_metric_history(run.run_id, "eval/accuracy")
-    assert [m.step for m in history] == [0, 4, 8]  # comparisons seen: 2 steps x 4
+    assert [m.step for m in history] == [0, 1, 2]  # optimizer steps
+    seen = client.get_metric_history(run.run_id, "comparisons_seen")
+    assert [(m.step, m.value) for m in seen] == [(0, 0), (1, 4), (2, 8)]  # 4 per step
 
-    # The artifact is a reward model: trunk, head and normalisation that make rewards on its
-    # normalisation texts (train responses: the trunk is random) mean 0, std 1.
+    # The artifact is a reward model in the standard format, with the normalisation that makes
+    # rewards on its normalisation texts (train responses: the trunk is random) mean 0, std 1.
     model, tokenizer = RewardModel.load(f"runs:/{run.run_id}/model")
-    meta = json.loads((run_dir / "out" / "model" / REWARD_INFO_FILE).read_text())
+    config = json.loads((run_dir / "out" / "model" / "config.json").read_text())
+    meta = config[REWARD_CONFIG_KEY]
     assert meta["normalized_on"] == "train responses"
     assert model.gain == pytest.approx(meta["gain"]) and model.gain > 0
     assert run["metrics.reward/gain"] == pytest.approx(model.gain)
+    # Hugging Face's own class loads it and reads the same raw rewards (right padding).
+    hf = AutoModelForSequenceClassification.from_pretrained(
+        download_model(f"runs:/{run.run_id}/model")
+    )
+    ids = model.encode("A prompt,", " and a response.", tokenizer)
+    with torch.no_grad():
+        raw = model.eval()(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+        assert hf.eval()(input_ids=torch.tensor([ids])).logits[0, 0] == pytest.approx(
+            float(raw), abs=1e-5
+        )
 
 
 @pytest.mark.slow
@@ -180,16 +198,19 @@ def test_ppo_against_the_scorer_logs_the_ecosystems_metrics(
     ):
         assert f"metrics.{metric}" in run, metric
     client = mlflow.MlflowClient()
-    assert [m.step for m in client.get_metric_history(run.run_id, "objective/kl")] == [8, 16]
+    assert [m.step for m in client.get_metric_history(run.run_id, "objective/kl")] == [1, 2]
+    episodes = client.get_metric_history(run.run_id, "episodes")
+    assert [(m.step, m.value) for m in episodes] == [(0, 0), (1, 8), (2, 16)]
     # Evaluated before the first rollout and after each; KL is 0 from the initial policy itself.
     kl = client.get_metric_history(run.run_id, "kl")
-    assert [m.step for m in kl] == [0, 8, 16] and kl[0].value == pytest.approx(0.0, abs=1e-5)
+    assert [m.step for m in kl] == [0, 1, 2] and kl[0].value == pytest.approx(0.0, abs=1e-5)
     rollouts = [a.path for a in client.list_artifacts(run.run_id, "rollouts")]
-    assert rollouts == ["rollouts/rollout_00001.json", "rollouts/rollout_00002.json"]
+    assert rollouts == ["rollouts/episodes_0000000008.json", "rollouts/episodes_0000000016.json"]
     table = mlflow.artifacts.load_dict(f"runs:/{run.run_id}/{rollouts[-1]}")
-    assert table["columns"] == ["prompt", "response", "score"] and len(table["data"]) == 8
-    artifacts = {a.path for a in client.list_artifacts(run.run_id, "model")}
-    assert "model/value_head.pt" in artifacts and "model/config.json" in artifacts
+    assert table["columns"] == ["sample", "prompt", "response", "score"]
+    assert len(table["data"]) == 8
+    # The value head is kept with the output directory's model (and its checkpoints).
+    assert (run_dir / "out" / "model" / "value_head.safetensors").is_file()
 
 
 def other_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
@@ -210,12 +231,19 @@ def test_ppo_against_a_reward_model_with_another_tokenizer(
 ) -> None:
     directory = run_dir / "reward_model"
     tokenizer = other_tokenizer(directory)
-    lm = GPT2LMHeadModel(
-        GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=16, n_positions=64)
+    trunk = GPT2ForSequenceClassification(
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_layer=1,
+            n_head=2,
+            n_embd=16,
+            n_positions=64,
+            num_labels=1,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     )
     cfg = compose_cfg([*TINY_RUN, "objective=reward"])
-    RewardModel(lm, max_length=64).save(directory, tokenizer, cfg, {})
-    assert (directory / REWARD_HEAD_FILE).is_file()
+    RewardModel(trunk, tokenizer, max_length=64).save(directory, tokenizer, cfg, {})
 
     ppo_cfg = compose_cfg(
         [*TINY_RUN, *TINY_PPO, f"ppo.reward_model={directory}", f"tracking.uri={tracking_uri}"]
@@ -270,8 +298,8 @@ def test_the_pipeline_chains_pretraining_reward_and_ppo_through_mlflow(
     assert f"runs/{reward}" in runs["ppo"]["tags.mlflow.note.content"]
     assert runs["ppo"]["params.ppo.reward_model"] == "sweep:reward"  # as the user wrote it
     # The reward model was normalised on samples of the MLE policy it started from.
-    meta = mlflow.artifacts.load_dict(f"runs:/{reward}/model/{REWARD_INFO_FILE}")
-    assert meta["normalized_on"] == f"samples of runs:/{mle}/model"
+    config = json.loads((download_model(f"runs:/{reward}/model") / "config.json").read_text())
+    assert config[REWARD_CONFIG_KEY]["normalized_on"] == f"samples of runs:/{mle}/model"
     assert ppo
 
 

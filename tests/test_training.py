@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from phf.data.corpus import DatasetError
 from phf.models import load_model_and_tokenizer
 from phf.run import execute, seed_everything
-from phf.stages.pretrain import NonFiniteLossError, Training
+from phf.stages.loop import NonFiniteLossError
+from phf.stages.pretrain import PretrainStage
 from phf.tracking import Tracker, TrackingServerUnreachable
 from tests.conftest import TINY_RUN, multirun_command
 
@@ -57,28 +58,36 @@ def test_cli_two_step_run_trains_and_records_everything(
     run = only_run(tracking_uri)
     assert run.status == "FINISHED"
     assert run["tags.task"] == "toxicity" and run["tags.objective"] == "mle"
-    assert run["tags.seed"] == "0" and run["tags.git_commit"]
+    assert run["tags.seed"] == "0" and run["tags.mlflow.source.git.commit"]
     assert run["params.train.block_size"] == "32" and run["params.model.name"] == "tiny"
+    assert run["params.model.pretrained"] == "null"  # null, not Python's "None"
     client = mlflow.MlflowClient()
-    for metric in ("score", "score_max_at_25", "eval/lm_loss", "train/loss"):
+    for metric in ("score", "score_max_at_25", "hit_rate", "eval/lm_loss", "train/loss"):
         assert f"metrics.{metric}" in run
     history = client.get_metric_history(run.run_id, "eval/lm_loss")
-    assert [m.step for m in history] == [0, 128, 256]  # tokens seen: 2 steps x 4 x 32
+    assert [m.step for m in history] == [0, 1, 2]  # optimizer steps
+    tokens = client.get_metric_history(run.run_id, "tokens_seen")  # once per step
+    assert [(m.step, m.value) for m in tokens] == [(0, 0), (1, 128), (2, 256)]  # 4 x 32 a step
     artifacts = {a.path for a in client.list_artifacts(run.run_id)}
-    assert {"config.yaml", "hydra", "model", "samples"} <= artifacts
+    assert {"config.yaml", "hydra", "samples", "phf.log"} <= artifacts
     listed = [a.path for a in client.list_artifacts(run.run_id, "samples")]
-    tables = [path for path in listed if path.endswith(".json")]
+    tables = sorted(path for path in listed if path.endswith(".json"))
+    assert tables[-1] == "samples/tokens_0000000256.json"  # named by tokens seen
     assert len(tables) == 3 and "samples/challenging" in listed  # toxicity's prompted scenario
     assert len(client.list_artifacts(run.run_id, "samples/challenging")) == 3
     table = mlflow.artifacts.load_dict(f"runs:/{run.run_id}/{tables[-1]}")
-    assert table["columns"] == ["prompt", "completion", "score"] and len(table["data"]) == 25
+    assert table["columns"] == ["sample", "prompt", "completion", "score"]
+    assert len(table["data"]) == 25 and table["data"][3][0] == "unconditional/3"
 
-    # The model artifact loads with transformers and generates.
-    local = mlflow.artifacts.download_artifacts(
-        f"runs:/{run.run_id}/model", dst_path=str(run_dir / "dl")
+    # The model is an MLflow Model whose weights and tokenizer load with transformers.
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            f"runs:/{run.run_id}/model", dst_path=str(run_dir / "dl")
+        )
     )
-    model = AutoModelForCausalLM.from_pretrained(local)
-    tokenizer = AutoTokenizer.from_pretrained(local)
+    assert (local / "MLmodel").is_file()
+    model = AutoModelForCausalLM.from_pretrained(local / "model")
+    tokenizer = AutoTokenizer.from_pretrained(local / "components" / "tokenizer")
     out = model.generate(
         torch.tensor([[tokenizer.eos_token_id]]),
         max_new_tokens=5,
@@ -174,7 +183,7 @@ def test_unreachable_tracking_server_fails_before_training(run_dir: Path, compos
 def test_ctrl_c_marks_the_run_killed(run_dir: Path, tracking_uri: str, compose_cfg) -> None:
     cfg = compose_cfg([*TINY_RUN, f"tracking.uri={tracking_uri}"])
     tracker = Tracker(cfg)
-    with pytest.raises(KeyboardInterrupt), tracker.run("interrupted", {}, {}):
+    with pytest.raises(KeyboardInterrupt), tracker.run("interrupted", {}, {}, {}):
         raise KeyboardInterrupt
     assert only_run(tracking_uri).status == "KILLED"
 
@@ -266,18 +275,18 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(
 
     uri = f"sqlite:///{run_dir / 'resumed.db'}"
     cfg = compose_cfg([*overrides, f"tracking.uri={uri}"])
-    real_step = Training.step
+    real_step = PretrainStage.step
 
     def interrupted_step(self):
         if self.steps_done == 2:
             raise KeyboardInterrupt  # as if preempted during step 3
         return real_step(self)
 
-    monkeypatch.setattr(Training, "step", interrupted_step)
+    monkeypatch.setattr(PretrainStage, "step", interrupted_step)
     with pytest.raises(KeyboardInterrupt):
         execute(cfg, run_dir / "b", [])
     assert only_run(uri).status == "KILLED"
-    monkeypatch.setattr(Training, "step", real_step)
+    monkeypatch.setattr(PretrainStage, "step", real_step)
     execute(cfg, run_dir / "b", [])
 
     resumed = only_run(uri)  # the same MLflow run, reopened
@@ -285,7 +294,7 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(
     for metric in ("train/loss", "eval/lm_loss", "score", "score_max_at_25", "tokens_seen"):
         assert resumed[f"metrics.{metric}"] == expected[f"metrics.{metric}"], metric
     history = mlflow.MlflowClient().get_metric_history(resumed.run_id, "eval/lm_loss")
-    assert [m.step for m in history] == [0, 256, 512]  # no evaluation repeated or lost
+    assert [m.step for m in history] == [0, 2, 4]  # no evaluation repeated or lost
 
 
 @pytest.mark.slow

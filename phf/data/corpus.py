@@ -10,6 +10,7 @@ Rows are validated as they stream; a malformed row stops the run with its file a
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -75,12 +76,10 @@ def validate_row(row: Any, where: str) -> Document:
     )
 
 
-def file_rows(path: Path) -> Iterator[tuple[Any, str, int]]:
-    """(row, "file, row N", N) for each row of a .jsonl, .jsonl.gz or .parquet file.
-
-    Content problems (bad JSON, not UTF-8) raise DatasetError naming the row; a file that
-    cannot be opened raises OSError, which callers turn into an error or a counted skip.
-    """
+def raw_file_rows(path: Path) -> Iterator[tuple[Any, str, int]]:
+    """(payload, "file, row N", N) for each row of a .jsonl, .jsonl.gz or .parquet file: the
+    line's bytes for JSON lines (parsed by ``parse_row``, possibly in another process), the row
+    itself for parquet. Blank lines are skipped (their numbers still count)."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -91,21 +90,35 @@ def file_rows(path: Path) -> Iterator[tuple[Any, str, int]]:
                 yield row, f"{path}, row {row_number}", row_number
         return
     opener = gzip.open if path.suffix == ".gz" else open
-    row_number = 0
+    with opener(path, "rb") as f:
+        for row_number, line in enumerate(f, start=1):
+            if line.strip():
+                yield line, f"{path}, row {row_number}", row_number
+
+
+def parse_row(payload: Any, where: str) -> Any:
+    """A row from ``raw_file_rows``: JSON lines are decoded (UTF-8) and parsed here, so a bad
+    byte or bad JSON is reported with its own row."""
+    if not isinstance(payload, bytes):
+        return payload
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for row_number, line in enumerate(f, start=1):
-                where = f"{path}, row {row_number}"
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line), where, row_number
-                except json.JSONDecodeError as error:
-                    raise DatasetError(f"{where}: not valid JSON ({error})") from None
+        text = payload.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise DatasetError(
-            f"{path}, row {row_number + 1}: not UTF-8 ({error}); re-encode the file as UTF-8"
-        ) from None
+        raise DatasetError(f"{where}: not UTF-8 ({error}); re-encode the file as UTF-8") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{where}: not valid JSON ({error})") from None
+
+
+def file_rows(path: Path) -> Iterator[tuple[Any, str, int]]:
+    """(row, "file, row N", N) for each row of a .jsonl, .jsonl.gz or .parquet file.
+
+    Content problems (bad JSON, not UTF-8) raise DatasetError naming the row; a file that
+    cannot be opened raises OSError, which callers turn into an error or a counted skip.
+    """
+    for payload, where, row_number in raw_file_rows(path):
+        yield parse_row(payload, where), where, row_number
 
 
 def local_split_file(directory: Path, split: str) -> Path:
@@ -152,19 +165,68 @@ def resolve_local_dir(task_name: str, source: str) -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class SplitSource:
+    """Where one split of a task's dataset is: a local file, or a hub dataset (``path`` None)."""
+
+    dataset: str  # task.dataset as given: builtin, a directory, a hub id
+    split: str
+    path: Path | None
+
+    def rows(self) -> Iterator[tuple[Any, str, int]]:
+        """(payload, where, row number): see raw_file_rows; hub rows come parsed."""
+        if self.path is None:
+            return hub_rows(self.dataset, self.split)
+        return raw_file_rows(self.path)
+
+    def identity(self) -> dict[str, str]:
+        """What names the split (not its content): the file, or the hub id and split."""
+        if self.path is None:
+            return {"hub": self.dataset, "split": self.split}
+        return {"file": str(self.path.resolve())}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What changes when the split's content does: a file's size, modification time and a
+        hash of its first and last MiB (hashing a 20 GB file whole would cost every run a
+        minute); a hub dataset's revision when the hub is reachable (else None)."""
+        if self.path is None:
+            return {"revision": hub_revision(self.dataset)}
+        stat = self.path.stat()
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            digest.update(f.read(1 << 20))
+            if stat.st_size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+                digest.update(f.read(1 << 20))
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+
+
+def split_source(task_name: str, source: str, split: str) -> SplitSource:
+    directory = resolve_local_dir(task_name, source)
+    path = None if directory is None else local_split_file(directory, split)
+    return SplitSource(source, split, path)
+
+
 def iter_documents(task_name: str, source: str, split: str) -> Iterator[Document]:
     """Stream one split of a task's dataset as validated Documents."""
-    directory = resolve_local_dir(task_name, source)
-    rows = (
-        hub_rows(source, split)
-        if directory is None
-        else file_rows(local_split_file(directory, split))
-    )
+    rows = split_source(task_name, source, split).rows()
     try:
-        for row, where, _ in rows:
-            yield validate_row(row, where)
+        for payload, where, _ in rows:
+            yield validate_row(parse_row(payload, where), where)
     except OSError as error:  # the file is opened lazily, on the first row
         raise DatasetError(f"cannot read the {split!r} split of {source}: {error}") from error
+
+
+def hub_revision(dataset_id: str) -> str | None:
+    """The commit of a hub dataset, or None when the hub cannot be asked (offline)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(dataset_id, timeout=10).sha
+    except Exception:  # any hub failure means "unknown"
+        return None
 
 
 def hub_rows(dataset_id: str, split: str) -> Iterator[tuple[Any, str, int]]:

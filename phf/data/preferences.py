@@ -18,6 +18,7 @@ corpus, see ``builtin_comparisons``), a local .jsonl/.jsonl.gz/.parquet file or 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import statistics
 from collections.abc import Iterable, Iterator
@@ -151,8 +152,12 @@ def parse_row(row: Any, where: str, fmt: str) -> Comparison:
             "(drop the row or fill it)"
         )
     margin = row.get("margin", 0.0) if fmt == "pairwise" else 0.0
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-        raise DatasetError(f"{where}: 'margin' must be a number, got {margin!r}")
+    if (
+        isinstance(margin, bool)
+        or not isinstance(margin, (int, float))
+        or not math.isfinite(margin)
+    ):
+        raise DatasetError(f"{where}: 'margin' must be a finite number, got {margin!r}")
     return Comparison(prompt, responses, best, float(margin), where)
 
 

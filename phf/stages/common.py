@@ -1,30 +1,32 @@
-"""What more than one stage builds: the evaluator, the KL reference, and the resolution of
-``sweep:<objective>`` references to earlier runs of the same multirun."""
+"""What more than one stage builds: token stores and held-out blocks, the evaluator, the KL
+reference, the final model's publication, and the resolution of ``sweep:<objective>``
+references to earlier runs of the same multirun."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from itertools import islice
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from phf.data.corpus import iter_documents
-from phf.data.packing import pack_blocks
+from phf.data.blocks import control_token_ids, objective_blocks
+from phf.data.corpus import split_source
 from phf.data.prompts import scenario_prompts
-from phf.data.transforms import control_token_ids, token_transform
+from phf.data.store import TokenStore, default_cache_dir, ensure_store
 from phf.evaluation import NO_CONTROLS, Evaluator, GenerationControls, KLReference
 from phf.hardware import Placement
 from phf.models import resolve_source
 from phf.scorers import build_scorer
 from phf.tokenizer import load_tokenizer
-from phf.tracking import Tracker
+from phf.tracking import Tracker, wait_for_sweep_run
 
 log = logging.getLogger(__name__)
 
-# Every stage saves its final model in <output dir>/model and logs it as this MLflow artifact, so
+# Every stage saves its final model in <output dir>/model and logs it as this MLflow Model, so
 # that a later run can start from runs:/<run id>/model whatever stage wrote it.
 MODEL_ARTIFACT = "model"
 
@@ -55,7 +57,14 @@ def resolve_sweep_references(cfg: DictConfig, stage: str, tracker: Tracker) -> d
             elif tracker.sweep_dir is None:
                 raise ValueError(f"{key}={source} needs a multirun (phf -m ...)")
             else:
-                run_id = tracker.wait_for_sweep_run(objective, cfg.seed, timeout_s)
+                run_id = wait_for_sweep_run(
+                    tracker.client,
+                    tracker.experiment_name,
+                    tracker.sweep_dir,
+                    objective,
+                    cfg.seed,
+                    timeout_s,
+                )
                 source = f"runs:/{run_id}/{MODEL_ARTIFACT}"
             OmegaConf.update(cfg, key, source, force_add=False)
         if isinstance(source, str) and source.startswith("runs:/"):
@@ -64,15 +73,62 @@ def resolve_sweep_references(cfg: DictConfig, stage: str, tracker: Tracker) -> d
 
 
 def publish_model(
-    save: Callable[[Path], None], output_dir: Path, cfg: DictConfig, tracker: Tracker
+    save: Callable[[Path], None],
+    directory: Path,
+    cfg: DictConfig,
+    tracker: Tracker,
+    task: str = "text-generation",
 ) -> Path:
-    """Save the final model with ``save`` into <output dir>/model and log it to MLflow (unless
-    tracking.log_model is false); returns the directory."""
-    final_dir = output_dir / MODEL_ARTIFACT
-    save(final_dir)
+    """Save the final model with ``save`` into ``directory`` (<output dir>/model) and log it as
+    the run's MLflow Model ``model`` (unless tracking.log_model is false): ``text-generation``
+    with the evaluation's sampling settings as its defaults, or ``text-classification`` (a
+    reward model)."""
+    save(directory)
     if cfg.tracking.log_model:
-        tracker.log_artifacts(final_dir, MODEL_ARTIFACT)
-    return final_dir
+        generation = cfg.eval.generation
+        defaults = {
+            "max_new_tokens": int(generation.max_new_tokens),
+            "temperature": float(generation.temperature),
+            "top_p": float(generation.top_p),
+            "do_sample": True,
+        }
+        tracker.log_model(directory, task, defaults if task == "text-generation" else None)
+    return directory
+
+
+def token_store(cfg: DictConfig, split: str, tokenizer: PreTrainedTokenizerBase) -> TokenStore:
+    """The prepared token store of one split of the task's dataset (built on first use)."""
+    cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else None
+    source = split_source(cfg.task.name, cfg.task.dataset, split)
+    return ensure_store(
+        source, tokenizer, cache_dir or default_cache_dir(), cfg.data.prepare_workers
+    )
+
+
+def heldout_blocks(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """Up to eval.max_blocks blocks of the test split, in the model's own input format."""
+    store = token_store(cfg, cfg.task.test_split, tokenizer)
+    blocks = objective_blocks(
+        cfg.objective, store, tokenizer, cfg.train.block_size, cfg.seed, heldout=True
+    )
+    return blocks.heldout(cfg.eval.max_blocks)
+
+
+def dataset_record(
+    cfg: DictConfig, store: TokenStore, split: str, context: str, **profile: Any
+) -> dict[str, Any]:
+    """A token store as a dataset of the run (MLflow's Dataset column)."""
+    source = store.manifest["source"]
+    hub = "hub" in source
+    return {
+        "name": f"{cfg.task.name}/{split}",
+        "source": source["hub"] if hub else source["file"],
+        "source_type": "hub" if hub else "local",
+        "split": split,
+        "digest": store.digest,
+        "context": context,
+        "profile": {"documents": store.num_documents, "tokens": store.num_tokens, **profile},
+    }
 
 
 def generation_controls(
@@ -129,19 +185,10 @@ def build_evaluator(
     tokenizer: PreTrainedTokenizerBase,
     placement: Placement,
     kl_reference: KLReference | None,
+    heldout: torch.Tensor | None = None,
 ) -> Evaluator:
-    """Held-out blocks in the model's own input format (control tokens included, every segment
-    marked), the prompts of each scenario, the generation controls and the KL reference."""
-    heldout_transform = token_transform(
-        OmegaConf.merge(cfg.objective, {"drop_token_fraction": 0.0}), tokenizer, cfg.seed
-    )
-    test_documents = iter_documents(cfg.task.name, cfg.task.dataset, cfg.task.test_split)
-    heldout = list(
-        islice(
-            pack_blocks(test_documents, tokenizer, cfg.train.block_size, heldout_transform),
-            cfg.eval.max_blocks,
-        )
-    )
+    """The prompts of each scenario, held-out blocks (``heldout_blocks`` unless given), the
+    generation controls of the objective and the KL reference."""
     prompts = {
         name: scenario_prompts(scenario, cfg.task, cfg.eval.generation.num_samples)
         for name, scenario in cfg.task.scenarios.items()
@@ -151,8 +198,16 @@ def build_evaluator(
         tokenizer,
         build_scorer(cfg.scorer),
         prompts,
-        heldout,
+        heldout_blocks(cfg, tokenizer) if heldout is None else heldout,
         placement,
         generation_controls(cfg.objective, tokenizer),
         kl_reference,
     )
+
+
+def scenario_tables(tables: Mapping[str, dict[str, list]]) -> dict[str, dict[str, list]]:
+    """Evaluation tables by artifact folder: samples/ for unconditional, samples/<name>/."""
+    return {
+        ("samples" if name == "unconditional" else f"samples/{name}"): table
+        for name, table in tables.items()
+    }

@@ -1,8 +1,10 @@
 """The pretraining stage: train a causal LM on scored documents with a PHF objective.
 
-Read top to bottom: placement, tokenizer and model, data, step budget, optimizer and schedule,
-then the loop (evaluate at start, every ``train.eval_steps`` and at the end; checkpoint every
-``train.save_steps`` and at the end), then the final model as an MLflow artifact.
+Read top to bottom: the tokenizer and model (and, for AWR, a value head), the token stores of
+both splits (prepared once per corpus and tokenizer, phf/data/store.py), the objective's blocks
+cut from them (phf/data/blocks.py), the step budget, the optimizer and schedule; then one
+optimizer step, the evaluation, and the state a checkpoint holds. phf/stages/loop.py drives it,
+as it drives every stage, and scripts/benchmark.py drives the same object.
 """
 
 from __future__ import annotations
@@ -10,60 +12,36 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
-from transformers import (
-    AutoModelForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    get_scheduler,
-)
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
-from phf.checkpoints import (
-    latest_checkpoint,
-    load_training_state,
-    restore_rng_states,
-    save_checkpoint,
-    save_pretrained,
-)
-from phf.data.corpus import Document, iter_documents
-from phf.data.packing import batches, training_blocks
-from phf.data.transforms import document_filter, token_transform
-from phf.distributed import (
-    SINGLE_PROCESS,
-    DistributedContext,
-    all_reduce_mean,
-    any_process,
-    barrier,
-    broadcast_object,
-    init_distributed,
-)
-from phf.hardware import Placement, resolve_placement
-from phf.models import (
-    VALUE_HEAD_FILE,
-    Network,
-    ValueHead,
-    load_model_and_tokenizer,
-    save_value_head,
-)
+from phf.checkpoints import load_head, load_weights, save_head, save_pretrained
+from phf.data.blocks import PackedBlocks, objective_blocks, training_batches
+from phf.data.store import TokenStore
+from phf.distributed import SINGLE_PROCESS, DistributedContext, all_reduce_mean
+from phf.evaluation import Evaluator
+from phf.hardware import Placement
+from phf.models import VALUE_HEAD_FILE, Network, ValueHead, load_model_and_tokenizer
 from phf.objectives import Objective, build_objective
-from phf.preemption import PreemptionGuard
-from phf.stages.common import build_evaluator, load_kl_reference, publish_model
+from phf.stages.common import (
+    build_evaluator,
+    dataset_record,
+    load_kl_reference,
+    publish_model,
+    scenario_tables,
+    token_store,
+)
+from phf.stages.loop import NonFiniteLossError, Tables
 from phf.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
 
 
 def step_budget(train: DictConfig) -> int:
@@ -81,6 +59,39 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+
+
+def adamw(
+    modules: list[torch.nn.Module], train: DictConfig, placement: Placement, eps: float = 1e-8
+) -> torch.optim.AdamW:
+    """AdamW over ``modules`` (weight decay on matrices only), fused on CUDA."""
+    return torch.optim.AdamW(
+        [group for m in modules for group in optimizer_groups(m, train.weight_decay)],
+        lr=train.lr,
+        betas=tuple(train.adam_betas),
+        eps=eps,
+        fused=placement.device.type == "cuda",
+    )
+
+
+def schedule(
+    optimizer: torch.optim.Optimizer, train: DictConfig, steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """train.lr_scheduler with linear warm-up over train.warmup_ratio of ``steps``."""
+    return get_scheduler(
+        train.lr_scheduler,
+        optimizer,
+        num_warmup_steps=round(train.warmup_ratio * steps),
+        num_training_steps=steps,
+    )
+
+
+def compiled(network: torch.nn.Module, hardware: DictConfig, placement: Placement):
+    """torch.compile of ``network`` when hardware.compile says so (null: on CUDA only)."""
+    enabled = hardware.compile
+    if enabled is None:
+        enabled = placement.device.type == "cuda"
+    return torch.compile(network) if enabled else network
 
 
 def accumulate_gradients(
@@ -125,13 +136,16 @@ def accumulate_gradients(
 
 
 @dataclass
-class Training:
-    """What one training step touches: model (and value head), objective, data, optimizer.
+class PretrainStage:
+    """What one training step touches: model (and value head), objective, blocks, optimizer.
 
-    Built by ``Training.build`` from a composed config; ``step()`` runs one optimizer step.
-    The stage's loop and scripts/benchmark.py both drive it, so the benchmark measures the
-    stage's own code, data pipeline included.
+    Built by ``PretrainStage.build`` from a composed config; ``step()`` runs one optimizer step.
     """
+
+    progress_metric = "tokens_seen"
+    progress_label = "tokens"
+    rate_metric = "train/tokens_per_s"
+    headline = "score"
 
     cfg: DictConfig
     placement: Placement
@@ -139,16 +153,19 @@ class Training:
     value_head: ValueHead | None
     tokenizer: PreTrainedTokenizerBase
     objective: Objective
-    train_batches: Iterator[dict[str, torch.Tensor]]
+    train_store: TokenStore
+    blocks: PackedBlocks
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     max_steps: int
     micro_batches: int
-    network: torch.nn.Module  # model + value head, wrapped in DDP when distributed
+    network: torch.nn.Module  # model + value head, wrapped in DDP (and compiled) as asked
+    evaluator: Evaluator | None
     distributed: DistributedContext = SINGLE_PROCESS
     steps_done: int = 0
-    tokens_seen: int = 0
+    progress: int = 0  # tokens seen, over all processes
+    _batches: Iterator[dict[str, torch.Tensor]] | None = field(default=None, repr=False)
 
     @classmethod
     def build(
@@ -156,7 +173,7 @@ class Training:
         cfg: DictConfig,
         placement: Placement,
         distributed: DistributedContext = SINGLE_PROCESS,
-    ) -> Training:
+    ) -> PretrainStage:
         train = cfg.train
         if train.batch_size % distributed.world_size:
             raise ValueError(
@@ -173,74 +190,85 @@ class Training:
             if objective.needs_values
             else None
         )
-
-        # The objective's document filter (filtering) and token transform (conditional).
-        keep = document_filter(cfg.objective)
-
-        def train_documents() -> Iterator[Document]:
-            documents = iter_documents(cfg.task.name, cfg.task.dataset, cfg.task.train_split)
-            return keep(documents) if keep else documents
-
-        blocks = training_blocks(
-            train_documents,
-            tokenizer,
-            train.block_size,
-            train.shuffle_buffer,
-            cfg.seed,
-            token_transform(cfg.objective, tokenizer, cfg.seed),
-        )
+        # The split's tokens, prepared once per corpus and tokenizer; a bad row fails here,
+        # before any evaluation or training.
+        train_store = token_store(cfg, cfg.task.train_split, tokenizer)
+        blocks = objective_blocks(cfg.objective, train_store, tokenizer, train.block_size, cfg.seed)
         max_steps = step_budget(train)
-        modules = [model] + ([value_head] if value_head is not None else [])
-        optimizer = torch.optim.AdamW(
-            [group for m in modules for group in optimizer_groups(m, train.weight_decay)],
-            lr=train.lr,
-            betas=tuple(train.adam_betas),
-            fused=placement.device.type == "cuda",
-        )
-        scheduler = get_scheduler(
-            train.lr_scheduler,
-            optimizer,
-            num_warmup_steps=round(train.warmup_ratio * max_steps),
-            num_training_steps=max_steps,
-        )
-        network = Network(model, value_head)
+        optimizer = adamw([model] + ([value_head] if value_head else []), train, placement)
+        network: torch.nn.Module = Network(model, value_head)
         if distributed.enabled:
             device_ids = [placement.device.index] if placement.device.type == "cuda" else None
             network = DistributedDataParallel(network, device_ids=device_ids)
+        evaluator = None
+        if distributed.is_main:
+            evaluator = build_evaluator(
+                cfg, tokenizer, placement, load_kl_reference(cfg, tokenizer, placement)
+            )
         per_process_batch = train.batch_size // distributed.world_size
-        return cls(
-            network=network,
-            distributed=distributed,
+        stage = cls(
             cfg=cfg,
             placement=placement,
             model=model,
             value_head=value_head,
             tokenizer=tokenizer,
             objective=objective,
-            train_batches=batches(blocks, train.batch_size),
+            train_store=train_store,
+            blocks=blocks,
             optimizer=optimizer,
-            scheduler=scheduler,
+            scheduler=schedule(optimizer, train, max_steps),
             scaler=placement.grad_scaler(),
             max_steps=max_steps,
             micro_batches=math.ceil(per_process_batch / cfg.hardware.micro_batch_size),
+            network=compiled(network, cfg.hardware, placement),
+            evaluator=evaluator,
+            distributed=distributed,
         )
+        log.info(
+            "model: %.2fM parameters on %s (%s)%s; %d steps x %d sequences x %d tokens "
+            "(%d micro-batches of <= %d per step%s); %d of %d documents, %d tokens per epoch",
+            sum(p.numel() for p in model.parameters()) / 1e6,
+            placement.device,
+            placement.precision,
+            ", with a value head" if value_head is not None else "",
+            max_steps,
+            train.batch_size,
+            train.block_size,
+            stage.micro_batches,
+            cfg.hardware.micro_batch_size,
+            f", in each of {distributed.world_size} processes" if distributed.enabled else "",
+            len(blocks.documents),
+            train_store.num_documents,
+            blocks.tokens_per_epoch,
+        )
+        return stage
 
     @property
     def modules(self) -> list[torch.nn.Module]:
         return [self.model] + ([self.value_head] if self.value_head is not None else [])
 
-    def train(self) -> None:
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        if self._batches is None:  # from the current step: a resumed run reads on from there
+            self._batches = training_batches(
+                self.blocks,
+                self.cfg.train.batch_size,
+                self.steps_done,
+                self.max_steps,
+                self.cfg.hardware.loader_workers,
+                pin_memory=self.placement.device.type == "cuda",
+            )
+        return next(self._batches)
+
+    def step(self) -> dict[str, Any]:
+        """One optimizer step; its metrics as detached tensors (no CPU-GPU sync but one)."""
         for module in self.modules:
             module.train()
-
-    def step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """One optimizer step; returns the batch loss, the objective's metrics, the grad norm."""
-        batch = next(self.train_batches)
+        batch = self._next_batch()
         device = self.placement.device
         # Every process draws the same global batch and trains on its own slice of it.
         world, rank = self.distributed.world_size, self.distributed.rank
         input_ids = batch["input_ids"].tensor_split(world)[rank].to(device, non_blocking=True)
-        token_scores = batch["token_scores"].tensor_split(world)[rank].to(device)
+        token_scores = batch["token_scores"].tensor_split(world)[rank].to(device, non_blocking=True)
         loss, metrics = accumulate_gradients(
             self.network,
             self.objective,
@@ -256,186 +284,71 @@ class Training:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
                 f"the training loss is {loss.item()} at step {self.steps_done + 1} (tokens seen "
-                f"{self.tokens_seen}); lower train.lr or raise train.warmup_ratio"
+                f"{self.progress}); lower train.lr or raise train.warmup_ratio"
             )
         self.scaler.unscale_(self.optimizer)
-        parameters = list(self.network.parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.cfg.train.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            list(self.network.parameters()), self.cfg.train.max_grad_norm
+        )
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
-        self.tokens_seen += batch["input_ids"].numel()  # the global batch
-        return loss, metrics, grad_norm
+        self.progress += batch["input_ids"].numel()  # the global batch
+        return metrics | {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr}
 
-    def training_state(self) -> dict:
+    def evaluate(self) -> tuple[dict[str, float], Tables]:
+        assert self.evaluator is not None, "only the main process evaluates"
+        metrics, tables = self.evaluator.evaluate(self.model)
+        return metrics, scenario_tables(tables)
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        text = (
+            f"score {metrics['score']:.4f}, score_max_at_25 {metrics['score_max_at_25']:.4f}, "
+            f"eval/lm_loss {metrics.get('eval/lm_loss', float('nan')):.4f}"
+        )
+        return text + (f", kl {metrics['kl']:.3f}" if "kl" in metrics else "")
+
+    def training_state(self) -> dict[str, Any]:
         return {
             "step": self.steps_done,
-            "tokens_seen": self.tokens_seen,
+            "progress": self.progress,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
 
-    def restore(self, directory: Path) -> None:
-        """Continue from a checkpoint: weights, value head, optimizer, scheduler, loss scaler,
-        step, data position and RNG states, so that the run goes on exactly as if it had never
-        stopped."""
-        state = load_training_state(directory)
-        weights = AutoModelForCausalLM.from_pretrained(directory).state_dict()
-        self.model.load_state_dict(weights)
+    def restore(self, directory: Path, state: dict[str, Any]) -> None:
+        """Weights, value head, optimizer, scheduler, loss scaler and position: the blocks are a
+        function of the step, so the data stream goes on exactly where it was."""
+        load_weights(self.model, directory)
         if self.value_head is not None:
-            self.value_head.load_state_dict(
-                torch.load(directory / VALUE_HEAD_FILE, map_location=self.placement.device)
-            )
+            load_head(self.value_head, directory / VALUE_HEAD_FILE)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        # The data stream is deterministic (seeded shuffles): replaying the batches already
-        # trained on puts it where it was. Costs tokenization only, no forward passes.
-        for _ in range(state["step"]):
-            next(self.train_batches)
-        self.steps_done, self.tokens_seen = state["step"], state["tokens_seen"]
-        restore_rng_states(state["rng"])
+        self.steps_done, self.progress = state["step"], state["progress"]
+        self._batches = None
 
     def save(self, directory: Path) -> None:
         """The model (``from_pretrained``-loadable), tokenizer, config and value head."""
         save_pretrained(directory, self.model, self.tokenizer, self.cfg)
         if self.value_head is not None:
-            save_value_head(self.value_head, directory)
+            save_head(self.value_head, directory / VALUE_HEAD_FILE)
 
+    def publish(self, directory: Path, tracker: Tracker) -> None:
+        publish_model(self.save, directory, self.cfg, tracker)
 
-def run_pretrain(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
-    train = cfg.train
-    distributed = init_distributed()
-    placement = resolve_placement(cfg.hardware, distributed.local_rank)
-    training = Training.build(cfg, placement, distributed)
-    # Only the main process evaluates, logs and writes checkpoints.
-    main = distributed.is_main
-    evaluator = (
-        build_evaluator(
-            cfg,
-            training.tokenizer,
-            placement,
-            load_kl_reference(cfg, training.tokenizer, placement),
+    def datasets(self) -> list[dict[str, Any]]:
+        test = self.cfg.task.test_split
+        train = dataset_record(
+            self.cfg,
+            self.train_store,
+            self.cfg.task.train_split,
+            "training",
+            documents_trained_on=len(self.blocks.documents),
         )
-        if main
-        else None
-    )
-    model = training.model
-    log.info(
-        "model: %.2fM parameters on %s (%s)%s; %d steps x %d sequences x %d tokens "
-        "(%d micro-batches of <= %d per step%s)",
-        sum(p.numel() for p in model.parameters()) / 1e6,
-        placement.device,
-        placement.precision,
-        ", with a value head" if training.value_head is not None else "",
-        training.max_steps,
-        train.batch_size,
-        train.block_size,
-        training.micro_batches,
-        cfg.hardware.micro_batch_size,
-        f", in each of {distributed.world_size} processes" if distributed.enabled else "",
-    )
-    last_metrics: dict[str, float] = {"score": float("nan")}
-
-    def run_eval(step: int) -> None:
-        nonlocal last_metrics
-        if evaluator is None:
-            return
-        last_metrics, tables = evaluator.evaluate(model)
-        tracker.log_metrics(last_metrics, training.tokens_seen)
-        for name, table in tables.items():
-            folder = "samples" if name == "unconditional" else f"samples/{name}"
-            tracker.log_table(table, f"{folder}/step_{step:06d}.json")
-        log.info(
-            "eval step %d: score %.4f, score_max@25 %.4f, eval/lm_loss %.4f%s",
-            step,
-            last_metrics["score"],
-            last_metrics["score_max_at_25"],
-            last_metrics.get("eval/lm_loss", float("nan")),
-            f", kl {last_metrics['kl']:.3f}" if "kl" in last_metrics else "",
-        )
-
-    def checkpoint(step: int) -> None:
-        if main:
-            save_checkpoint(
-                output_dir,
-                step,
-                training.save,
-                training.training_state(),
-                train.save_total_limit,
-                info={"mlflow_run_id": tracker.run_id},
-            )
-        barrier(distributed)  # no process runs ahead of a checkpoint it may resume from
-
-    # Rank 0 decides: every process resumes from the checkpoint it wrote.
-    resume_from = latest_checkpoint(output_dir) if train.resume and main else None
-    resume_from = broadcast_object(resume_from, distributed)
-    if resume_from is not None:
-        training.restore(resume_from)
-        log.info("resumed from %s (step %d)", resume_from, training.steps_done)
-    else:
-        run_eval(step=0)
-    training.train()
-    # Train time only: evaluation and checkpointing are left out of tokens/s.
-    window_seconds, window_tokens = 0.0, 0
-    window_metrics: dict[str, torch.Tensor] = {}
-    with PreemptionGuard() as guard:
-        # Redraw at most every 30 s when stderr is a log file rather than a terminal.
-        interactive = sys.stderr.isatty()
-        progress = tqdm(
-            range(training.steps_done + 1, training.max_steps + 1),
-            initial=training.steps_done,
-            total=training.max_steps,
-            desc="train",
-            unit="step",
-            dynamic_ncols=True,
-            mininterval=0.5 if interactive else 30.0,
-        )
-        for step in progress:
-            step_start = time.perf_counter()
-            tokens_before = training.tokens_seen
-            try:
-                step_loss, metrics, grad_norm = training.step()
-            except NonFiniteLossError as error:
-                raise NonFiniteLossError(
-                    f"{error}. Checkpoints written so far are kept in {output_dir / 'checkpoints'}"
-                ) from None
-            for name, value in metrics.items():
-                window_metrics[name] = window_metrics.get(name, 0.0) + value
-            window_tokens += training.tokens_seen - tokens_before
-            window_seconds += time.perf_counter() - step_start
-
-            if step % train.log_steps == 0 or step == training.max_steps:
-                steps_in_window = (step - 1) % train.log_steps + 1
-                logged = {name: float(v) / steps_in_window for name, v in window_metrics.items()}
-                logged |= {
-                    "train/loss": step_loss.item(),
-                    "train/lr": training.scheduler.get_last_lr()[0],
-                    "train/grad_norm": float(grad_norm),
-                    "train/tokens_per_s": window_tokens / window_seconds,
-                }
-                tracker.log_metrics(logged, training.tokens_seen)
-                progress.set_postfix(
-                    loss=f"{logged['train/loss']:.3f}",
-                    tok_s=f"{logged['train/tokens_per_s']:.0f}",
-                    refresh=False,  # redraw on tqdm's own schedule (mininterval)
-                )
-                window_seconds, window_tokens, window_metrics = 0.0, 0, {}
-            if step % train.eval_steps == 0 or step == training.max_steps:
-                run_eval(step)
-            preempted = any_process(guard.requested, distributed)
-            if step % train.save_steps == 0 or step == training.max_steps or preempted:
-                checkpoint(step)
-            if preempted:
-                progress.close()
-                tracker.mark_preempted(step)
-                guard.hand_over()  # requeue and exit (submitit), or raise Preempted
-    progress.close()
-
-    if main:
-        final_dir = publish_model(training.save, output_dir, cfg, tracker)
-        log.info("final model saved to %s", final_dir)
-    return last_metrics["score"]
+        test_store = token_store(self.cfg, test, self.tokenizer)
+        return [train, dataset_record(self.cfg, test_store, test, "evaluation")]

@@ -1,38 +1,51 @@
 """The reward-model stage (objective=reward): learn which response to a prompt is preferred.
 
-Read top to bottom: placement, the trunk (model.pretrained, e.g. runs:/<id>/model of a
-pretraining run, or a random tiny GPT-2) with a scalar head, the comparisons of both splits,
-the step budget, then the loop (evaluate at start, every ``train.eval_steps`` and at the end),
-then reward normalisation on policy samples, and the model as an MLflow artifact ``model``.
+Read top to bottom: the reward model (``model.pretrained``, e.g. runs:/<id>/model of a
+pretraining run or any sequence-classification architecture, or a random tiny GPT-2, with a
+one-output head: phf/reward_model.py), the comparisons of both splits, the step budget, one
+optimizer step over a seeded shuffle of the comparisons, the evaluation, and at the end reward
+normalisation on policy samples and the model as the run's MLflow Model (text-classification).
+phf/stages/loop.py drives it, checkpoints and resumes it, as every stage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, get_scheduler
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from phf.checkpoints import load_weights, python_rng_state, set_python_rng_state
+from phf.data.corpus import split_source
 from phf.data.preferences import Comparison, load_comparisons
+from phf.distributed import DistributedContext
 from phf.evaluation import generate_samples
-from phf.hardware import Placement, resolve_placement
-from phf.models import load_model_and_tokenizer, resolve_source
+from phf.hardware import Placement
+from phf.models import resolve_source
 from phf.reward_model import (
     EncodedComparison,
+    EncodingStats,
     RewardModel,
+    build_trunk,
     comparison_rewards,
+    distinct_pad_token,
     encode_comparisons,
     preference_loss,
     preference_metrics,
     score_texts,
 )
 from phf.stages.common import publish_model
-from phf.stages.pretrain import optimizer_groups
+from phf.stages.loop import NonFiniteLossError, Tables
+from phf.stages.pretrain import adamw, schedule
+from phf.tokenizer import load_tokenizer
 from phf.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -51,7 +64,7 @@ def batch_tensors(
 
 
 @torch.no_grad()
-def evaluate(
+def evaluate_comparisons(
     model: RewardModel,
     comparisons: Sequence[EncodedComparison],
     cfg: DictConfig,
@@ -60,6 +73,7 @@ def evaluate(
 ) -> dict[str, float]:
     """eval/loss, eval/accuracy, eval/margin, eval/reward_mean, eval/reward_std over the test
     comparisons (raw rewards: normalisation comes after training)."""
+    was_training = model.training
     model.eval()
     all_rewards, all_valid, all_best, losses = [], [], [], []
     width = max(len(c.sequences) for c in comparisons)  # best-of-N rows may differ in N
@@ -73,7 +87,7 @@ def evaluate(
         all_rewards.append(torch.nn.functional.pad(rewards, (0, pad)))
         all_valid.append(torch.nn.functional.pad(valid, (0, pad)))
         all_best.append(best)
-    model.train()
+    model.train(was_training)
     metrics = preference_metrics(torch.cat(all_rewards), torch.cat(all_valid), torch.cat(all_best))
     return {"eval/loss": sum(losses) / len(comparisons)} | {
         f"eval/{name}": float(value) for name, value in metrics.items()
@@ -100,154 +114,269 @@ def normalization_texts(
         )
         pairs = [(c.prompt, r) for c in train for r in c.responses][:n]
         return [p for p, _ in pairs], [r for _, r in pairs], "train responses"
-    lm = AutoModelForCausalLM.from_pretrained(resolve_source(policy)).to(placement.device)
+    source = resolve_source(policy)
+    lm = AutoModelForCausalLM.from_pretrained(source).to(placement.device)
+    policy_tokenizer = load_tokenizer(source)
     prompts = [test[i % len(test)].prompt for i in range(n)]
     # Long prompts are cut to their last 64 tokens' worth of text: samples only need context.
-    prompts = [tokenizer.decode(tokenizer.encode(p)[-64:]) for p in prompts]
-    samples = generate_samples(lm, tokenizer, prompts, cfg.eval.generation, placement, cfg.seed)
+    prompts = [policy_tokenizer.decode(policy_tokenizer.encode(p)[-64:]) for p in prompts]
+    samples = generate_samples(
+        lm, policy_tokenizer, prompts, cfg.eval.generation, placement, cfg.seed
+    )
     return prompts, samples.completions, f"samples of {policy}"
 
 
-def run_reward(cfg: DictConfig, tracker: Tracker, output_dir: Path) -> float:
-    train, reward = cfg.train, cfg.reward
-    placement = resolve_placement(cfg.hardware)
-    lm, tokenizer = load_model_and_tokenizer(cfg.model, reward.max_length)
-    if reward.dropout is not None:
-        for module in lm.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = reward.dropout
-    model = RewardModel(lm, reward.max_length).to(placement.device)
+def comparisons_digest(comparisons: Sequence[Comparison]) -> str:
+    digest = hashlib.sha256()
+    for c in comparisons:
+        digest.update("\x00".join([c.prompt, *c.responses, str(c.best)]).encode())
+    return digest.hexdigest()[:16]
 
-    train_comparisons = load_comparisons(reward, cfg.task, reward.train_split, cfg.seed)
-    test_comparisons = load_comparisons(reward, cfg.task, reward.test_split, cfg.seed)
-    test_comparisons = test_comparisons[: reward.max_eval_comparisons]
-    overlong = _value(reward.overlong)
-    train_encoded, train_stats = encode_comparisons(
-        train_comparisons, tokenizer, reward.max_length, overlong
-    )
-    test_encoded, test_stats = encode_comparisons(
-        test_comparisons, tokenizer, reward.max_length, overlong
-    )
-    train_stats.warn(f"{reward.dataset} ({reward.train_split})", reward.max_length)
-    test_stats.warn(f"{reward.dataset} ({reward.test_split})", reward.max_length)
-    if not train_encoded or not test_encoded:
-        raise ValueError(
-            f"no comparisons left in reward.dataset={reward.dataset} after reward.overlong=drop "
-            f"(train {len(train_encoded)}, test {len(test_encoded)}); raise reward.max_length "
-            "or use reward.overlong=truncate"
+
+@dataclass
+class RewardStage:
+    """A reward model, its comparisons and optimizer; ``step()`` is one optimizer step."""
+
+    progress_metric = "comparisons_seen"
+    progress_label = "comparisons"
+    rate_metric = "train/comparisons_per_s"
+    headline = "eval/accuracy"
+
+    cfg: DictConfig
+    placement: Placement
+    model: RewardModel
+    tokenizer: PreTrainedTokenizerBase
+    train_comparisons: list[Comparison]
+    test_comparisons: list[Comparison]
+    train_encoded: list[EncodedComparison]
+    test_encoded: list[EncodedComparison]
+    data_metrics: dict[str, float]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    max_steps: int
+    rng: random.Random
+    order: list[int] = field(default_factory=list)  # the rest of the current epoch's shuffle
+    steps_done: int = 0
+    progress: int = 0  # comparisons seen
+
+    @classmethod
+    def build(
+        cls, cfg: DictConfig, placement: Placement, distributed: DistributedContext
+    ) -> RewardStage:
+        if distributed.enabled:
+            raise ValueError("objective=reward trains in one process; launch it without torchrun")
+        train, reward = cfg.train, cfg.reward
+        tokenizer_name = cfg.model.tokenizer or cfg.model.pretrained
+        tokenizer = load_tokenizer(resolve_source(tokenizer_name))
+        distinct_pad_token(tokenizer)
+        trunk = build_trunk(cfg.model, tokenizer, reward.max_length)
+        if reward.dropout is not None:
+            for module in trunk.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = reward.dropout
+        model = RewardModel(trunk, tokenizer, reward.max_length).to(placement.device)
+
+        train_comparisons = load_comparisons(reward, cfg.task, reward.train_split, cfg.seed)
+        test_comparisons = load_comparisons(reward, cfg.task, reward.test_split, cfg.seed)
+        test_comparisons = test_comparisons[: reward.max_eval_comparisons]
+        overlong = _value(reward.overlong)
+        train_encoded, train_stats = encode_comparisons(
+            train_comparisons, model, tokenizer, overlong
         )
-    tracker.log_metrics(
-        {
-            "data/train_comparisons": len(train_encoded),
-            "data/test_comparisons": len(test_encoded),
-            "data/truncated": train_stats.truncated + test_stats.truncated,
-            "data/dropped": train_stats.dropped + test_stats.dropped,
-        },
-        0,
-        "comparisons_seen",
-    )
-
-    steps_per_epoch = math.ceil(len(train_encoded) / train.batch_size)
-    max_steps = train.max_steps or max(1, math.ceil(reward.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(
-        optimizer_groups(model, train.weight_decay),
-        lr=train.lr,
-        betas=tuple(train.adam_betas),
-    )
-    scheduler = get_scheduler(
-        train.lr_scheduler,
-        optimizer,
-        num_warmup_steps=round(train.warmup_ratio * max_steps),
-        num_training_steps=max_steps,
-    )
-    log.info(
-        "reward model: %.2fM parameters on %s (%s); %d train / %d test comparisons; "
-        "%d steps of %d comparisons",
-        sum(p.numel() for p in model.parameters()) / 1e6,
-        placement.device,
-        placement.precision,
-        len(train_encoded),
-        len(test_encoded),
-        max_steps,
-        train.batch_size,
-    )
-    pad_id = tokenizer.pad_token_id
-    seen = 0
-
-    def run_eval(step: int) -> dict[str, float]:
-        metrics = evaluate(model, test_encoded, cfg, pad_id, placement)
-        tracker.log_metrics(metrics, seen, "comparisons_seen")
+        test_encoded, test_stats = encode_comparisons(test_comparisons, model, tokenizer, overlong)
+        train_stats.warn(f"{reward.dataset} ({reward.train_split})", reward.max_length)
+        test_stats.warn(f"{reward.dataset} ({reward.test_split})", reward.max_length)
+        if not train_encoded or not test_encoded:
+            raise ValueError(
+                f"no comparisons left in reward.dataset={reward.dataset} after "
+                f"reward.overlong=drop (train {len(train_encoded)}, test {len(test_encoded)}); "
+                "raise reward.max_length or use reward.overlong=truncate"
+            )
+        steps_per_epoch = math.ceil(len(train_encoded) / train.batch_size)
+        max_steps = train.max_steps or max(1, math.ceil(reward.epochs * steps_per_epoch))
+        optimizer = adamw([model], train, placement)
         log.info(
-            "eval step %d: accuracy %.3f, loss %.4f, margin %.3f",
-            step,
-            metrics["eval/accuracy"],
-            metrics["eval/loss"],
-            metrics["eval/margin"],
+            "reward model: %.2fM parameters (%s) on %s (%s); %d train / %d test comparisons; "
+            "%d steps of %d comparisons",
+            sum(p.numel() for p in model.parameters()) / 1e6,
+            type(trunk).__name__,
+            placement.device,
+            placement.precision,
+            len(train_encoded),
+            len(test_encoded),
+            max_steps,
+            train.batch_size,
         )
-        return metrics
+        return cls(
+            cfg=cfg,
+            placement=placement,
+            model=model,
+            tokenizer=tokenizer,
+            train_comparisons=train_comparisons,
+            test_comparisons=test_comparisons,
+            train_encoded=train_encoded,
+            test_encoded=test_encoded,
+            data_metrics=_data_metrics(train_encoded, test_encoded, train_stats, test_stats),
+            optimizer=optimizer,
+            scheduler=schedule(optimizer, train, max_steps),
+            max_steps=max_steps,
+            rng=random.Random(cfg.seed),
+        )
 
-    metrics = run_eval(0)
-    rng = random.Random(cfg.seed)
-    order: list[int] = []
-    micro = cfg.hardware.micro_batch_size
-    model.train()
-    for step in range(1, max_steps + 1):
-        if len(order) < train.batch_size:  # a new epoch: a fresh seeded shuffle
-            fresh = list(range(len(train_encoded)))
-            rng.shuffle(fresh)
-            order += fresh
-        batch = [train_encoded[i] for i in order[: train.batch_size]]
-        del order[: train.batch_size]
-        step_metrics: dict[str, float] = {}
+    def step(self) -> dict[str, Any]:
+        train, reward = self.cfg.train, self.cfg.reward
+        if len(self.order) < train.batch_size:  # a new epoch: a fresh seeded shuffle
+            fresh = list(range(len(self.train_encoded)))
+            self.rng.shuffle(fresh)
+            self.order += fresh
+        batch = [self.train_encoded[i] for i in self.order[: train.batch_size]]
+        del self.order[: train.batch_size]
+        self.model.train()
+        sums: dict[str, float] = {}
+        micro = self.cfg.hardware.micro_batch_size
+        pad_id = self.tokenizer.pad_token_id
         for first in range(0, len(batch), micro):
             piece = batch[first : first + micro]
-            rewards, valid = comparison_rewards(model, piece, pad_id, placement)
+            rewards, valid = comparison_rewards(self.model, piece, pad_id, self.placement)
             best, margins = batch_tensors(piece, reward.margin, rewards.device)
             loss = preference_loss(rewards, valid, best, margins, reward.center_rewards_coef)
+            if not torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(
+                    f"the reward model's loss is {float(loss)} at step {self.steps_done + 1}; "
+                    "lower train.lr (or look for extreme margins in the data)"
+                )
             (loss * len(piece) / len(batch)).backward()
             piece_metrics = {"loss": loss.detach()} | preference_metrics(
                 rewards.detach(), valid, best
             )
             for name, value in piece_metrics.items():
-                step_metrics[name] = step_metrics.get(name, 0.0) + float(value) * len(piece)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        seen += len(batch)
-        if step % train.log_steps == 0 or step == max_steps:
-            logged = {f"train/{k}": v / len(batch) for k, v in step_metrics.items()}
-            logged |= {"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm)}
-            tracker.log_metrics(logged, seen, "comparisons_seen")
-        if step % train.eval_steps == 0 or step == max_steps:
-            metrics = run_eval(step)
+                sums[name] = sums.get(name, 0.0) + float(value) * len(piece)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        self.progress += len(batch)
+        return {f"train/{k}": v / len(batch) for k, v in sums.items()} | {
+            "train/lr": lr,
+            "train/grad_norm": float(grad_norm),
+        }
 
-    if reward.normalize:
-        prompts, responses, source = normalization_texts(
-            cfg, tokenizer, test_comparisons, train_comparisons, placement
+    def evaluate(self) -> tuple[dict[str, float], Tables]:
+        metrics = evaluate_comparisons(
+            self.model, self.test_encoded, self.cfg, self.tokenizer.pad_token_id, self.placement
         )
-        raw = score_texts(
-            model, tokenizer, prompts, responses, cfg.eval.batch_size, placement, normalized=False
+        return metrics | self.data_metrics, {}
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        return (
+            f"accuracy {metrics['eval/accuracy']:.3f}, loss {metrics['eval/loss']:.4f}, "
+            f"margin {metrics['eval/margin']:.3f}"
         )
-        mean, std = float(raw.mean()), float(raw.std())
-        model.gain, model.bias = 1.0 / max(std, 1e-6), -mean / max(std, 1e-6)
-        normalization = {"gain": model.gain, "bias": model.bias, "raw_mean": mean, "raw_std": std}
-        tracker.log_metrics(
-            {f"reward/{k}": v for k, v in normalization.items()}, seen, "comparisons_seen"
-        )
-        log.info(
-            "rewards normalised on %d %s: gain %.4f, bias %.4f",
-            len(raw),
-            source,
-            model.gain,
-            model.bias,
-        )
-    else:
+
+    def training_state(self) -> dict[str, Any]:
+        return {
+            "step": self.steps_done,
+            "progress": self.progress,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "order": torch.tensor(self.order, dtype=torch.int64),
+            "rng": python_rng_state(self.rng),
+        }
+
+    def restore(self, directory: Path, state: dict[str, Any]) -> None:
+        load_weights(self.model.model, directory)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.order = state["order"].tolist()
+        set_python_rng_state(state["rng"], self.rng)
+        self.steps_done, self.progress = state["step"], state["progress"]
+
+    def save(self, directory: Path, info: dict[str, Any] | None = None) -> None:
+        self.model.save(directory, self.tokenizer, self.cfg, info or {"normalized_on": None})
+
+    def publish(self, directory: Path, tracker: Tracker) -> None:
+        """Normalise rewards on policy samples (gain and bias in the model's config), then save
+        and log the model."""
+        cfg = self.cfg
         source = "not normalised"
+        if cfg.reward.normalize:
+            prompts, responses, source = normalization_texts(
+                cfg, self.tokenizer, self.test_comparisons, self.train_comparisons, self.placement
+            )
+            raw = score_texts(
+                self.model,
+                self.tokenizer,
+                prompts,
+                responses,
+                cfg.eval.batch_size,
+                self.placement,
+                normalized=False,
+            )
+            mean, std = float(raw.mean()), float(raw.std())
+            self.model.gain, self.model.bias = 1.0 / max(std, 1e-6), -mean / max(std, 1e-6)
+            normalization = {
+                "gain": self.model.gain,
+                "bias": self.model.bias,
+                "raw_mean": mean,
+                "raw_std": std,
+            }
+            tracker.log_metrics(
+                {f"reward/{k}": v for k, v in normalization.items()},
+                self.steps_done,
+                {self.progress_metric: self.progress},
+            )
+            log.info(
+                "rewards normalised on %d %s: gain %.4f, bias %.4f",
+                len(raw),
+                source,
+                self.model.gain,
+                self.model.bias,
+            )
+        info = {"normalized_on": source, "seed": cfg.seed}
+        publish_model(
+            lambda d: self.save(d, info), directory, cfg, tracker, task="text-classification"
+        )
 
-    info = {"normalized_on": source, "seed": cfg.seed, "eval_accuracy": metrics["eval/accuracy"]}
-    final_dir = publish_model(
-        lambda directory: model.save(directory, tokenizer, cfg, info), output_dir, cfg, tracker
-    )
-    log.info("reward model saved to %s", final_dir)
-    return metrics["eval/accuracy"]
+    def datasets(self) -> list[dict[str, Any]]:
+        reward = self.cfg.reward
+        records = []
+        for split, comparisons, context in (
+            (reward.train_split, self.train_comparisons, "training"),
+            (reward.test_split, self.test_comparisons, "evaluation"),
+        ):
+            if reward.dataset == "builtin":
+                path = split_source(self.cfg.task.name, self.cfg.task.dataset, split).path
+                source, kind = (str(path), "local") if path else (self.cfg.task.dataset, "hub")
+            elif Path(reward.dataset).expanduser().exists():
+                source, kind = str(Path(reward.dataset).expanduser().resolve()), "local"
+            else:
+                source, kind = reward.dataset, "hub"
+            records.append(
+                {
+                    "name": f"{reward.dataset}/{split} comparisons",
+                    "source": source,
+                    "source_type": kind,
+                    "split": split,
+                    "digest": comparisons_digest(comparisons),
+                    "context": context,
+                    "profile": {"comparisons": len(comparisons)},
+                }
+            )
+        return records
+
+
+def _data_metrics(
+    train: list[EncodedComparison],
+    test: list[EncodedComparison],
+    train_stats: EncodingStats,
+    test_stats: EncodingStats,
+) -> dict[str, float]:
+    return {
+        "data/train_comparisons": float(len(train)),
+        "data/test_comparisons": float(len(test)),
+        "data/truncated": float(train_stats.truncated + test_stats.truncated),
+        "data/dropped": float(train_stats.dropped + test_stats.dropped),
+    }

@@ -1,0 +1,402 @@
+"""What every online RL stage shares (PPO; GRPO, RLOO): the policy and its frozen reference, the
+reward, the prompts, generating and re-scoring responses, the evaluation, the model files and
+the checkpointed state common to them. Each stage subclasses ``OnlineStage`` with its update.
+
+A response is sampled from the policy itself (no top-p: probability ratios need samples of the
+distribution they are computed under), stops at the stop token, which cannot end it before
+``min_response_length`` tokens, and its log-probabilities are those of that constrained
+distribution. The reward is a reward model's normalised output or minus the task's scorer; a
+reward without phf's stored normalisation gets one on samples of the initial policy, computed at
+the first iteration and checkpointed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from phf.checkpoints import load_weights, python_rng_state, save_pretrained, set_python_rng_state
+from phf.data.prompts import scenario_prompts
+from phf.evaluation import Evaluator, left_padded_prompts
+from phf.hardware import Placement
+from phf.models import load_model_and_tokenizer, position_ids
+from phf.reward_model import RewardModel, score_texts
+from phf.scorers import build_scorer
+from phf.stages.common import (
+    build_evaluator,
+    dataset_record,
+    load_kl_reference,
+    publish_model,
+    sample_kl_reference,
+    scenario_tables,
+    token_store,
+)
+from phf.stages.loop import Tables
+from phf.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+RewardFunction = Callable[[Sequence[str], Sequence[str]], torch.Tensor]
+
+
+class Reward:
+    """(prompts, responses) -> rewards [n] on the CPU, normalised: by the reward model's stored
+    gain and bias, or by those ``normalize`` finds on samples of the initial policy."""
+
+    def __init__(self, raw: RewardFunction, description: str, needs_normalization: bool) -> None:
+        self.raw = raw
+        self.description = description
+        self.needs_normalization = needs_normalization
+        self.gain: float | None = None
+        self.bias: float | None = None
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        rewards = self.raw(prompts, responses)
+        if self.gain is None:
+            return rewards
+        return self.gain * rewards + self.bias
+
+    @property
+    def pending(self) -> bool:
+        return self.needs_normalization and self.gain is None
+
+    def normalize(self, rewards: torch.Tensor) -> None:
+        rewards = torch.nan_to_num(rewards, nan=0.0)
+        std = max(float(rewards.std()), 1e-6)
+        self.gain, self.bias = 1.0 / std, -float(rewards.mean()) / std
+        self.description += f", normalised (gain {self.gain:.3f}, bias {self.bias:+.3f})"
+
+    def state(self) -> dict[str, Any]:
+        return {"gain": self.gain, "bias": self.bias}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.gain, self.bias = state["gain"], state["bias"]
+
+
+def build_reward(settings: DictConfig, cfg: DictConfig, placement: Placement) -> Reward:
+    """The stage's reward: ``settings.reward_model`` or minus the task's scorer."""
+    if settings.reward_model is not None:
+        model, tokenizer = RewardModel.load(settings.reward_model)
+        model.to(placement.device).requires_grad_(False)
+
+        def reward_model_rewards(prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+            return score_texts(model, tokenizer, prompts, responses, cfg.eval.batch_size, placement)
+
+        needs = settings.normalize_reward and not model.normalized
+        return Reward(reward_model_rewards, f"reward model {settings.reward_model}", needs)
+    scorer = build_scorer(cfg.scorer)
+
+    def scorer_rewards(prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        texts = (
+            [p + r for p, r in zip(prompts, responses, strict=True)]
+            if settings.score_prompt
+            else list(responses)
+        )
+        return -torch.tensor(scorer.score_texts(texts), dtype=torch.float32)
+
+    return Reward(scorer_rewards, f"-{cfg.scorer.name} score", bool(settings.normalize_reward))
+
+
+def stop_token_id(stop_token: str | None, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    if stop_token is None:
+        return None
+    if stop_token == "eos":
+        return tokenizer.eos_token_id
+    ids = tokenizer.encode(stop_token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(
+            f"stop_token={stop_token!r} is {len(ids)} tokens for this tokenizer; it must be "
+            "exactly one token (or eos, or null for fixed-length responses)"
+        )
+    return ids[0]
+
+
+def response_mask(
+    responses: torch.Tensor, stop_id: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 on each response's tokens up to and including its first stop token, 0 after (the pad
+    that generation appends, possibly the same id as EOS); and whether each found its stop."""
+    if stop_id is None:
+        ones = torch.ones_like(responses, dtype=torch.float32)
+        return ones, torch.ones(responses.size(0), dtype=torch.bool, device=responses.device)
+    is_stop = responses == stop_id
+    # Positions strictly after the first stop token: a stop before them.
+    after_stop = (is_stop.long().cumsum(dim=1) - is_stop.long()) > 0
+    return (~after_stop).float(), is_stop.any(dim=1)
+
+
+def forward_response(
+    model: PreTrainedModel,
+    value_head: torch.nn.Module | None,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+    placement: Placement,
+    stop_id: int | None = None,
+    min_length: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Log-probabilities [n, R] of the response tokens under the distribution they were sampled
+    from (at the sampling temperature, the stop token banned from the first ``min_length``
+    positions), the values of the states they were sampled from, and those positions' logits."""
+    input_ids = torch.cat([query_ids, response_ids], dim=1)
+    attention_mask = torch.cat([query_mask, mask.long()], dim=1)
+    with placement.autocast():
+        output = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            output_hidden_states=value_head is not None,
+        )
+    start = query_ids.size(1) - 1  # the position that predicts the first response token
+    logits = output.logits[:, start:-1].float() / temperature
+    if stop_id is not None and min_length > 0:
+        logits[:, :min_length, stop_id] = float("-inf")
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, response_ids[..., None]).squeeze(-1)
+    values = None
+    if value_head is not None:
+        values = value_head(output.hidden_states[-1][:, start:-1]).float()
+    return logprobs, values, logits
+
+
+@dataclass
+class Responses:
+    query_ids: torch.Tensor  # [n, Q], left-padded EOS + prompt
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor  # [n, R], right-padded
+    mask: torch.Tensor  # [n, R] float
+    found_stop: torch.Tensor  # [n] bool
+    texts: list[str]  # without the stop token
+    seconds: float
+
+
+@torch.no_grad()
+def generate_responses(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    stop_id: int | None,
+    settings: DictConfig,
+    placement: Placement,
+) -> Responses:
+    """One sampled response per prompt, from the policy itself."""
+    was_training = policy.training
+    policy.eval()
+    start = time.perf_counter()
+    query_ids, query_mask = left_padded_prompts(prompts, tokenizer, placement.device)
+    with placement.autocast():
+        output = policy.generate(
+            input_ids=query_ids,
+            attention_mask=query_mask,
+            do_sample=True,
+            temperature=settings.temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=settings.response_length,
+            # No stop token: fixed-length responses (EOS is not sampled). Otherwise the stop
+            # token is banned for the first min_response_length tokens.
+            min_new_tokens=(
+                settings.response_length if stop_id is None else settings.min_response_length
+            ),
+            eos_token_id=stop_id if stop_id is not None else tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+        )
+    seconds = time.perf_counter() - start
+    policy.train(was_training)
+    response_ids = output[:, query_ids.size(1) :]
+    mask, found_stop = response_mask(response_ids, stop_id)
+    texts = []
+    for row, row_mask in zip(response_ids.tolist(), mask.tolist(), strict=True):
+        kept = [t for t, m in zip(row, row_mask, strict=True) if m and t != stop_id]
+        texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+    return Responses(query_ids, query_mask, response_ids, mask, found_stop, texts, seconds)
+
+
+def rollout_prompts(settings: DictConfig, cfg: DictConfig) -> list[str]:
+    """The pool of rollout prompts (``<stage>.prompts``, as an evaluation scenario's)."""
+    scenario = OmegaConf.create(
+        {"prompts": settings.prompts, "score_prompt": settings.score_prompt}
+    )
+    # Enough distinct prompts for many rollouts; a pool of "" when there are none.
+    return scenario_prompts(scenario, cfg.task, max(settings.rollout_batch_size, 1000))
+
+
+class OnlineStage:
+    """The part of an online RL stage that PPO, GRPO and RLOO share (module docstring).
+
+    Subclasses set ``section`` (their config section), build their optimizer, and implement
+    ``step`` and the rest of ``training_state``/``restore``.
+    """
+
+    progress_metric = "episodes"
+    progress_label = "episodes"
+    rate_metric = "time/episodes_per_s"
+    headline = "score"
+    section = "ppo"
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        placement: Placement,
+        policy: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        reference: PreTrainedModel | None,
+        evaluator: Evaluator,
+    ) -> None:
+        self.cfg = cfg
+        self.placement = placement
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.reference = reference
+        self.evaluator = evaluator
+        settings = self.settings
+        self.reward = build_reward(settings, cfg, placement)
+        self.stop_id = stop_token_id(settings.stop_token, tokenizer)
+        self.prompt_pool = rollout_prompts(settings, cfg)
+        self.rng = random.Random(cfg.seed)
+        self.steps_done = 0
+        self.progress = 0  # episodes
+        self.last_table: dict[str, list] | None = None
+
+    @property
+    def settings(self) -> DictConfig:
+        return self.cfg[self.section]
+
+    @staticmethod
+    def load_policy(
+        cfg: DictConfig, settings: DictConfig, placement: Placement, keep_reference: bool = True
+    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, PreTrainedModel | None]:
+        """The policy (model.pretrained), its tokenizer and a frozen copy as the reference."""
+        if cfg.model.pretrained is None:
+            log.warning(
+                "model.pretrained is null: the policy starts from a randomly initialised model; "
+                "set it to a pretrained model, e.g. runs:/<run id>/model of an objective=mle run"
+            )
+        policy, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.block_size)
+        policy.to(placement.device)
+        reference = copy.deepcopy(policy).eval().requires_grad_(False) if keep_reference else None
+        return policy, tokenizer, reference
+
+    @staticmethod
+    def kl_evaluator(
+        cfg: DictConfig,
+        policy: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        placement: Placement,
+    ) -> Evaluator:
+        """The shared evaluation, with KL from the initial policy unless eval.kl_reference
+        names another (the policy is still the initial one here)."""
+        kl_reference = (
+            load_kl_reference(cfg, tokenizer, placement)
+            if cfg.eval.kl_reference is not None
+            else sample_kl_reference(policy, tokenizer, cfg, placement)
+        )
+        return build_evaluator(cfg, tokenizer, placement, kl_reference)
+
+    def check_lengths(self) -> None:
+        settings = self.settings
+        longest = 1 + max(
+            len(self.tokenizer.encode(p, add_special_tokens=False)) for p in self.prompt_pool
+        )
+        positions = getattr(self.policy.config, "n_positions", None)
+        if positions is not None and longest + settings.response_length > positions:
+            raise ValueError(
+                f"prompts of up to {longest} tokens + {self.section}.response_length="
+                f"{settings.response_length} exceed the model's {positions} positions; lower "
+                f"{self.section}.response_length or use shorter prompts"
+            )
+
+    def draw_prompts(self, count: int) -> list[str]:
+        return [self.rng.choice(self.prompt_pool) for _ in range(count)]
+
+    def ensure_normalized_reward(self) -> None:
+        """At the first iteration: normalise a reward that needs it, on samples of the
+        (still initial) policy."""
+        if not self.reward.pending:
+            return
+        settings = self.settings
+        raw = []
+        for first in range(0, settings.normalization_episodes, settings.rollout_batch_size):
+            count = min(settings.rollout_batch_size, settings.normalization_episodes - first)
+            prompts = self.draw_prompts(count)
+            responses = generate_responses(
+                self.policy, self.tokenizer, prompts, self.stop_id, settings, self.placement
+            )
+            raw.append(self.reward.raw(prompts, responses.texts))
+        self.reward.normalize(torch.cat(raw))
+        log.info("reward: %s", self.reward.description)
+
+    def scores(self, prompts: list[str], generated: Responses) -> torch.Tensor:
+        """Rewards of a rollout, an unscorable text earning nothing, the missing-stop penalty
+        applied."""
+        scores = torch.nan_to_num(self.reward(prompts, generated.texts), nan=0.0)
+        scores = scores.to(self.placement.device)
+        penalty = self.settings.missing_stop_penalty
+        if penalty is not None:
+            scores = torch.where(generated.found_stop, scores, scores - penalty)
+        return scores
+
+    def remember_rollout(
+        self, prompts: list[str], generated: Responses, scores: torch.Tensor
+    ) -> None:
+        rows = self.settings.samples_table_rows
+        self.last_table = {
+            "sample": [f"rollout/{i}" for i in range(min(rows, len(prompts)))],
+            "prompt": prompts[:rows],
+            "response": generated.texts[:rows],
+            "score": [round(float(s), 6) for s in scores[:rows]],
+        }
+
+    # ------------------------------------------------------------------ the contract
+
+    def evaluate(self) -> tuple[dict[str, float], Tables]:
+        metrics, tables = self.evaluator.evaluate(self.policy)
+        tables = scenario_tables(tables)
+        if self.last_table is not None:
+            tables["rollouts"] = self.last_table
+        return metrics, tables
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        return (
+            f"score {metrics['score']:.4f}, score_max_at_25 {metrics['score_max_at_25']:.4f}, "
+            f"kl {metrics.get('kl', float('nan')):.3f}"
+        )
+
+    def common_state(self) -> dict[str, Any]:
+        return {
+            "step": self.steps_done,
+            "progress": self.progress,
+            "rng": python_rng_state(self.rng),
+            "reward": self.reward.state(),
+            # The reference is rebuilt from it (the config, compared on resume, pins it).
+            "reference": self.cfg.model.pretrained,
+        }
+
+    def restore_common(self, directory: Path, state: dict[str, Any]) -> None:
+        load_weights(self.policy, directory)
+        set_python_rng_state(state["rng"], self.rng)
+        self.reward.load_state(state["reward"])
+        self.steps_done, self.progress = state["step"], state["progress"]
+
+    def save(self, directory: Path) -> None:
+        save_pretrained(directory, self.policy, self.tokenizer, self.cfg)
+
+    def publish(self, directory: Path, tracker: Tracker) -> None:
+        publish_model(self.save, directory, self.cfg, tracker)
+
+    def datasets(self) -> list[dict[str, Any]]:
+        test = self.cfg.task.test_split
+        store = token_store(self.cfg, test, self.tokenizer)
+        return [dataset_record(self.cfg, store, test, "evaluation")]

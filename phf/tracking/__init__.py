@@ -1,0 +1,37 @@
+"""Everything phf records in MLflow. This package is the only place that imports mlflow.
+
+- ``run``: one run (``Tracker``): params, tags, metrics, tables, datasets, the final model, and
+  its end status, sent through a connection that an outage of the server cannot stall;
+- ``connection``: bounded requests, the outage and its probe; ``spool``: what waits on disk;
+- ``models``: models as MLflow Models, and model URIs back to ``from_pretrained`` directories;
+- ``sweeps``: a multirun as one parent run with its jobs as children.
+"""
+
+from phf.tracking.connection import TrackingServerUnreachable, check_tracking_server
+from phf.tracking.models import download_model, is_mlflow_uri, resolve_model_source
+from phf.tracking.run import NullTracker, Tracker, TrackingIncomplete, flatten, git_commit
+from phf.tracking.sweeps import (
+    SweepError,
+    finish_sweep,
+    read_sweep,
+    start_sweep,
+    wait_for_sweep_run,
+)
+
+__all__ = [
+    "NullTracker",
+    "SweepError",
+    "Tracker",
+    "TrackingIncomplete",
+    "TrackingServerUnreachable",
+    "check_tracking_server",
+    "download_model",
+    "finish_sweep",
+    "flatten",
+    "git_commit",
+    "is_mlflow_uri",
+    "read_sweep",
+    "resolve_model_source",
+    "start_sweep",
+    "wait_for_sweep_run",
+]
