@@ -43,14 +43,28 @@ def pareto_plot(runs: pd.DataFrame, x_metric: str, y_metric: str = "score") -> F
     return figure
 
 
+# What each stage logs as its progress, the x axis of its curves (MLflow's step is the stage's
+# optimizer step or iteration).
+PROGRESS_METRICS = ("tokens_seen", "episodes", "comparisons_seen")
+
+
 def metric_history(run_id: str, metric: str) -> pd.Series:
-    """A run's metric over tokens seen (MLflow's step)."""
-    history = mlflow.MlflowClient().get_metric_history(run_id, metric)
-    return pd.Series({m.step: m.value for m in history}, dtype=float).sort_index()
+    """A run's metric against its progress (tokens seen, episodes, comparisons seen: the one it
+    logged), or against MLflow's step when it logged none."""
+    client = mlflow.MlflowClient()
+    values = {m.step: m.value for m in client.get_metric_history(run_id, metric)}
+    for progress in PROGRESS_METRICS:
+        x = {m.step: m.value for m in client.get_metric_history(run_id, progress)}
+        if x:
+            return pd.Series(
+                {x[step]: value for step, value in values.items() if step in x}, dtype=float
+            ).sort_index()
+    return pd.Series(values, dtype=float).sort_index()
 
 
 def curve_plot(runs: pd.DataFrame, metric: str = "score") -> Figure:
-    """``metric`` over tokens seen, one line per configuration (the mean over its seeds)."""
+    """``metric`` over tokens seen (or episodes), one line per configuration (the mean over
+    its seeds)."""
     labels = configuration_label(runs)
     figure, axes = plt.subplots(figsize=(6.4, 4.8))
     for label in sorted(labels.unique()):
@@ -60,7 +74,7 @@ def curve_plot(runs: pd.DataFrame, metric: str = "score") -> Figure:
             continue
         mean = pd.concat(curves, axis=1).mean(axis=1)
         axes.plot(mean.index.to_numpy(), mean.to_numpy(dtype=np.float64), marker=".", label=label)
-    axes.set_xlabel("tokens seen")
+    axes.set_xlabel("tokens seen (episodes for online RL)")
     axes.set_ylabel(metric)
     axes.set_title(f"{metric} over training (mean over seeds)")
     axes.legend(fontsize="small")

@@ -131,7 +131,7 @@ def _no_space(error: BaseException, directory: Path) -> bool:
     while error is not None:
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:
             return True
-        if "No space left" in str(error):
+        if "No space left" in str(error) or "os error 28" in str(error):
             return True
         error = error.__cause__ or error.__context__
     try:
@@ -172,7 +172,7 @@ def save_checkpoint(
             shutil.rmtree(directory)
         partial.rename(directory)
         _fsync(root)
-    except (OSError, RuntimeError) as error:
+    except Exception as error:  # torch, safetensors and tokenizers each raise their own types
         full = _no_space(error, root)
         shutil.rmtree(partial, ignore_errors=True)
         if full:

@@ -13,6 +13,7 @@ import io
 import logging
 import math
 import os
+import pickle
 import re
 from abc import ABC, abstractmethod
 from bisect import bisect_right
@@ -258,12 +259,21 @@ def _load_detoxify(
         # 'bert-base-uncased') when huggingface_config_path is given, which fails offline
         # (unitaryai/detoxify#126, open). Pointing model_type at the local directory is that
         # fix; it also gives the model the checkpoint's number of labels.
-        if checkpoint is None:
-            loaded = torch.hub.load_state_dict_from_url(
-                MODEL_URLS[model_type], map_location=device, weights_only=False
-            )
-        else:
-            loaded = torch.load(checkpoint, map_location=device, weights_only=False)
+        # weights_only: a checkpoint is data; one that needs arbitrary unpickling is refused
+        # (pickle can run code) rather than trusted.
+        try:
+            if checkpoint is None:
+                loaded = torch.hub.load_state_dict_from_url(
+                    MODEL_URLS[model_type], map_location=device, weights_only=True
+                )
+            else:
+                loaded = torch.load(checkpoint, map_location=device, weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ScorerUnavailable(
+                f"detoxify checkpoint {checkpoint or MODEL_URLS[model_type]} holds more than "
+                f"tensors and plain values, which phf does not unpickle ({error}). Re-save its "
+                "'config' and 'state_dict' as plain data with torch.save"
+            ) from error
         args = {**loaded["config"]["arch"]["args"], "model_type": huggingface_config_path}
         model, tokenizer = get_model_and_tokenizer(**args, state_dict=loaded["state_dict"])
         return model, tokenizer, list(loaded["config"]["dataset"]["args"]["classes"])
