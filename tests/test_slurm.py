@@ -120,29 +120,63 @@ def test_a_2x2_sweep_runs_as_slurm_jobs_under_one_parent_run(run_dir: Path) -> N
         "objective.name=mle",
         "objective.name=unlikelihood",
     }
-    assert all(list(line.get_xdata()) == [0, 128, 256] for line in curves.lines)
+    assert all(list(line.get_xdata()) == [0, 128, 256] for line in curves.lines)  # tokens seen
     assert (out / "pareto.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
 
 
+PREEMPTED = {
+    # stage: (overrides, the evaluation step after which job 1 is preempted, compared metrics)
+    "pretrain": (
+        ["train.max_steps=150", "train.eval_steps=50", "train.save_steps=1000"],
+        50,
+        ("train/loss", "eval/lm_loss", "score", "score_max_at_25", "tokens_seen"),
+    ),
+    "reward": (
+        ["objective=reward", "train.max_steps=60", "train.eval_steps=20", "train.save_steps=1000"],
+        20,
+        ("train/loss", "eval/accuracy", "eval/loss", "comparisons_seen"),
+    ),
+    "ppo": (
+        [
+            "objective=ppo",
+            "ppo.rollout_batch_size=8",
+            "ppo.mini_batch_size=4",
+            "ppo.ppo_epochs=1",
+            "ppo.response_length=8",
+            "ppo.min_response_length=4",
+            "ppo.normalization_episodes=16",
+            "eval.kl_samples=8",
+            "train.max_steps=12",
+            "train.eval_steps=3",
+            "train.save_steps=1000",
+        ],
+        3,
+        ("objective/kl", "loss/policy", "score", "kl", "episodes"),
+    ),
+}
+
+
+@pytest.mark.parametrize("stage", list(PREEMPTED))
 def test_a_preempted_job_requeues_resumes_and_ends_like_an_uninterrupted_one(
-    run_dir: Path,
+    run_dir: Path, stage: str
 ) -> None:
     """Two identical jobs (they differ only in run name); job 1 gets SLURM's preemption signal
-    mid-run, checkpoints, is requeued, resumes and must end with job 0's exact numbers."""
+    mid-run, checkpoints, is requeued, resumes and must end with job 0's exact numbers, for
+    every stage."""
+    overrides, after_step, metrics = PREEMPTED[stage]
     process = sweep(
         run_dir,
         "tracking.run_name=uninterrupted,preempted",
-        "train.max_steps=150",
-        "train.eval_steps=50",
-        "train.save_steps=1000",
-        "train.log_steps=10",
+        "train.log_steps=1",
+        *overrides,
         wait=False,
     )
-    log = run_dir / "sweep" / "toxicity" / "mle" / "1" / "phf.log"
+    objective = "mle" if stage == "pretrain" else stage
+    log = run_dir / "sweep" / "toxicity" / objective / "1" / "phf.log"
     deadline = time.time() + 300
-    while not (log.is_file() and "eval step 50" in log.read_text()):
+    while not (log.is_file() and f"eval at step {after_step} " in log.read_text()):
         assert process.poll() is None, (run_dir / "sweep.log").read_text()[-3000:]
-        assert time.time() < deadline, "job 1 never reached step 50"
+        assert time.time() < deadline, f"job 1 never reached step {after_step}"
         time.sleep(0.2)
     jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
     job_1 = next(j for j in jobs.split() if j.endswith("_1"))
@@ -155,9 +189,8 @@ def test_a_preempted_job_requeues_resumes_and_ends_like_an_uninterrupted_one(
     _, kids = children(run_dir)
     kids = kids.set_index("tags.mlflow.runName")
     assert set(kids.status) == {"FINISHED"} and len(kids) == 2
-    assert "tags.phf.preempted_at_step" in kids.columns
-    assert int(kids.loc["preempted", "tags.phf.preempted_at_step"]) >= 50
-    for metric in ("train/loss", "eval/lm_loss", "score", "score_max_at_25", "tokens_seen"):
+    assert int(kids.loc["preempted", "tags.phf.preempted_at_step"]) >= after_step
+    for metric in metrics:
         column = f"metrics.{metric}"
         assert kids.loc["preempted", column] == kids.loc["uninterrupted", column], metric
 

@@ -230,7 +230,7 @@ class PPOStage(OnlineStage):
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
-                f"the PPO loss is {float(loss)} at iteration {self.steps_done + 1}; lower "
+                f"the PPO loss is {float(loss.detach())} at iteration {self.steps_done + 1}; lower "
                 "train.lr or ppo.cliprange"
             )
         (loss * share).backward()

@@ -243,7 +243,8 @@ class RewardStage:
             if not torch.isfinite(loss):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLossError(
-                    f"the reward model's loss is {float(loss.detach())} at step {self.steps_done + 1}; "
+                    f"the reward model's loss is {float(loss.detach())} at step "
+                    f"{self.steps_done + 1}; "
                     "lower train.lr (or look for extreme margins in the data)"
                 )
             (loss * len(piece) / len(batch)).backward()
