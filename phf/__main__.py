@@ -1,3 +1,3 @@
-from phf.run import main
+from phf.launch import main
 
 main()

@@ -39,19 +39,24 @@ class Objective(Protocol):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
+def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood of the next token, [batch, time - 1], in fp32.
+
+    Position t predicts token t+1; the last position has no target (-100). The loss runs over
+    the full logits rather than a slice ``logits[:, :-1]``, whose backward would copy the
+    gradient into a zero tensor of the logits' size (batch x time x vocabulary): ~5% of a CPU
+    step of the tiny model."""
+    ignored = torch.full_like(input_ids[:, :1], -100)
+    targets = torch.cat([input_ids[:, 1:], ignored], dim=1)
+    nll = F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), reduction="none", ignore_index=-100
+    )
+    return nll.view_as(targets)[:, :-1]
+
+
 def next_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """log p(token t+1 | tokens <= t), [batch, time - 1], in fp32."""
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-
-
-def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Per-token negative log-likelihood of the next token, [batch, time - 1], in fp32."""
-    shifted_logits = logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    return F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.size(-1)), targets.reshape(-1), reduction="none"
-    ).view_as(targets)
+    return -next_token_nll(logits, input_ids)
 
 
 class MLE:

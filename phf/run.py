@@ -8,6 +8,11 @@ python -m phf.run train.num_tokens=100000 seed=1   # override any key
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m phf.run: tune the allocator first (phf/launch.py)
+    from phf.launch import reexec_with_malloc_tuning
+
+    reexec_with_malloc_tuning()
+
 import logging
 import random
 import sys

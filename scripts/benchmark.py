@@ -1,12 +1,15 @@
-"""Print phf's speed on this machine: training tokens/s per objective, generation tokens/s, each
-scorer's texts/s, the scoring pipeline's documents/s with one worker and with one per core, and
-PPO episodes/s with the share of time spent generating, and the per-job launch overhead of
-local and SLURM sweeps.
+"""Print phf's speed on this machine: the training loader's tokens/s from a token store (beside
+tokenizing on the fly), preparing a store with one worker and with one per core, training
+tokens/s per objective with and without torch.compile and its MFU, generation tokens/s, each
+scorer's texts/s, the scoring pipeline's documents/s, PPO episodes/s with the share of time
+spent generating, and the per-job launch overhead of local and SLURM sweeps.
 
 Measures the default run's own code paths (the config is composed exactly as `python -m phf.run`
 composes it, overrides included):
 
     python scripts/benchmark.py                       # everything, default tiny model
+    python scripts/benchmark.py --only loader prepare
+    python scripts/benchmark.py --only mfu -- hardware=gpu model=gpt2 train.block_size=1024
     python scripts/benchmark.py --only train generation -- hardware=gpu model=gpt2
     python scripts/benchmark.py --only scorers pipeline
     python scripts/benchmark.py --only ppo -- model.pretrained=runs:/<mle run id>/model
@@ -14,6 +17,11 @@ composes it, overrides included):
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # measure what `phf` runs: with its allocator settings
+    from phf.launch import reexec_with_malloc_tuning
+
+    reexec_with_malloc_tuning()
 
 import argparse
 import os
@@ -38,15 +46,22 @@ from phf.hardware import resolve_placement
 from phf.models import load_model_and_tokenizer
 from phf.run import seed_everything
 from phf.scorers import build_scorer
+from phf.stages.loop import synchronize
 from phf.stages.ppo import PPOStage
 from phf.stages.pretrain import PretrainStage
+from phf.throughput import flops_per_token, peak_flops
 
-SECTIONS = ["train", "generation", "scorers", "pipeline", "ppo", "launch"]
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+SECTIONS = [
+    "loader",
+    "prepare",
+    "train",
+    "mfu",
+    "generation",
+    "scorers",
+    "pipeline",
+    "ppo",
+    "launch",
+]
 
 
 def main() -> None:
@@ -66,8 +81,18 @@ def main() -> None:
         default=OBJECTIVES,
         help="objectives whose training step is timed (mle first: the others are compared to it)",
     )
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="the device's peak, for MFU"
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved A/B pairs")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for phf.run")
     args = parser.parse_args()
+    if "loader" in args.only:
+        benchmark_loader()
+    if "prepare" in args.only:
+        benchmark_prepare()
+    if "mfu" in args.only:
+        benchmark_mfu(args)
     if "train" in args.only or "generation" in args.only:
         benchmark_model(args)
     if "scorers" in args.only:
@@ -104,20 +129,167 @@ def benchmark_model(args: argparse.Namespace) -> None:
         benchmark_generation(cfg, model.to(placement.device), tokenizer, placement)
 
 
-def benchmark_training(overrides: list[str], warmup: int, steps: int) -> float:
-    """Tokens/s of the stage's own training step for one objective, data pipeline included."""
+def timed_training(overrides: list[str], warmup: int, steps: int) -> tuple[float, PretrainStage]:
+    """Tokens/s of the stage's own training step, data pipeline included, and the stage."""
     cfg = compose_config(overrides)
     seed_everything(cfg.seed)
     placement = resolve_placement(cfg.hardware)
     training = PretrainStage.build(cfg, placement, SINGLE_PROCESS)
-    for _ in range(warmup):
+    for _ in range(warmup):  # with compile, the first steps compile
         training.step()
     synchronize(placement.device)
     start, tokens_before = time.perf_counter(), training.progress
     for _ in range(steps):
         training.step()
     synchronize(placement.device)
-    return (training.progress - tokens_before) / (time.perf_counter() - start)
+    return (training.progress - tokens_before) / (time.perf_counter() - start), training
+
+
+def benchmark_training(overrides: list[str], warmup: int, steps: int) -> float:
+    return timed_training(overrides, warmup, steps)[0]
+
+
+def benchmark_mfu(args: argparse.Namespace) -> None:
+    """Training tokens/s with and without torch.compile (interleaved: A, B, A, B), and MFU:
+    tokens/s x FLOPs per token / the device's peak (phf/throughput.py)."""
+    rates: dict[str, list[float]] = {"eager": [], "compiled": []}
+    stage = None
+    device = resolve_placement(compose_config(args.overrides).hardware).device
+    peak_before, _ = peak_flops(device, args.peak_tflops)
+    for _ in range(args.repeats):
+        for name, flag in (("eager", "false"), ("compiled", "true")):
+            overrides = [*args.overrides, f"hardware.compile={flag}"]
+            rate, stage = timed_training(overrides, max(args.warmup, 3), args.steps)
+            rates[name].append(rate)
+    # The CPU's peak is measured before and after the runs, the higher one used: a share of
+    # the best this machine did.
+    peak, source = peak_flops(device, args.peak_tflops)
+    peak = max(peak, peak_before)
+    per_token = flops_per_token(stage.model, stage.cfg.train.block_size)
+    print(
+        f"model {stage.cfg.model.name}: {per_token / 1e6:.1f} MFLOP per token (6N + 12LHQT, "
+        f"block {stage.cfg.train.block_size}); peak {peak / 1e12:.3f} TFLOP/s ({source}); "
+        f"{device} {stage.placement.precision}"
+    )
+    for name, values in rates.items():
+        best = max(values)
+        print(
+            f"training {name}: {', '.join(f'{v:,.0f}' for v in values)} tokens/s; best "
+            f"{best:,.0f} = {best * per_token / 1e9:.1f} GFLOP/s, MFU {best * per_token / peak:.1%}"
+        )
+    ratio = max(rates["compiled"]) / max(rates["eager"])
+    print(f"torch.compile speed-up: {ratio:.2f}x (best of {args.repeats} interleaved runs each)")
+
+
+def on_the_fly_batches(tokenizer, block_size: int, batch_size: int):
+    """Batches as training built them before token stores: tokenize documents while packing,
+    Python lists into tensors (the reference the store is measured against)."""
+    from phf.data.store import tokenize_documents
+
+    ids_buffer: list = []
+    scores_buffer: list = []
+    blocks: list = []
+    documents = iter_documents("toxicity", "builtin", "train")
+    while chunk := [d for d in islice(documents, 64) if d.texts]:
+        for doc in tokenize_documents(chunk, tokenizer):
+            ids_buffer.extend(doc.ids.tolist())
+            scores_buffer.extend(doc.scores.tolist())
+        while len(ids_buffer) >= block_size:
+            blocks.append((ids_buffer[:block_size], scores_buffer[:block_size]))
+            del ids_buffer[:block_size], scores_buffer[:block_size]
+            if len(blocks) == batch_size:
+                yield {
+                    "input_ids": torch.tensor([b[0] for b in blocks], dtype=torch.long),
+                    "token_scores": torch.tensor([b[1] for b in blocks], dtype=torch.float32),
+                }
+                blocks = []
+
+
+def benchmark_loader(block_size: int = 1024, batch_size: int = 8, batches: int = 150) -> None:
+    """Training batches per second at block 1024, batch 8 (the built-in toxicity corpus): from
+    the token store in this process (one core), in one DataLoader worker and in one per core,
+    and tokenizing on the fly; conditional training's control tokens too."""
+    from phf.data.blocks import ControlTokens, PackedBlocks, control_token_ids, training_batches
+    from phf.data.corpus import split_source
+    from phf.data.store import ensure_store
+    from phf.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("builtin")
+    # One core for the on-the-fly reference too: the tokenizer's own threads would take both.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    with tempfile.TemporaryDirectory() as cache:
+        store = ensure_store(split_source("toxicity", "builtin", "train"), tokenizer, Path(cache))
+        aligned, misaligned = control_token_ids(tokenizer)
+        controls = ControlTokens(aligned, misaligned, 0.143, 0.01)
+        cores = os.cpu_count() or 1
+        cases = [
+            ("store, in-process (1 core)", None, 0),
+            ("store, conditional, in-process", controls, 0),
+        ]
+        cases += [(f"store, {w} DataLoader worker(s)", None, w) for w in sorted({1, cores})]
+        rates = {}
+        for name, control, workers in cases:
+            blocks = PackedBlocks(store, block_size, seed=0, controls=control)
+            loader = training_batches(blocks, batch_size, 0, batches + 5, workers)
+            for _ in range(5):  # workers start, first epoch planned
+                next(loader)
+            start = time.perf_counter()
+            tokens = sum(next(loader)["input_ids"].numel() for _ in range(batches))
+            rates[name] = tokens / (time.perf_counter() - start)
+        stream = on_the_fly_batches(tokenizer, block_size, batch_size)
+        start = time.perf_counter()
+        tokens = sum(next(stream)["input_ids"].numel() for _ in range(batches // 5))
+        rates["tokenizing on the fly (before stores)"] = tokens / (time.perf_counter() - start)
+    baseline = rates["tokenizing on the fly (before stores)"]
+    for name, rate in rates.items():
+        print(
+            f"loader, block {block_size} x batch {batch_size}, {name}: {rate:,.0f} tokens/s "
+            f"({rate / baseline:.1f}x on the fly)"
+        )
+
+
+def benchmark_prepare(copies: int = 3, repeats: int = 3, shard_rows: int = 250) -> None:
+    """Preparing a store: documents/s with one worker and with one per core (interleaved,
+    ``repeats`` times each, the best of each reported), on the three built-in training corpora
+    (prose, PII prose and code) written ``copies`` times over."""
+    from phf.data.corpus import split_source
+    from phf.data.store import ensure_store
+    from phf.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("builtin")
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "corpus"
+        data.mkdir()
+        rows = []
+        for task in ("toxicity", "pii", "pep8"):
+            source = split_source(task, "builtin", "train")
+            rows += [payload for payload, _, _ in source.rows()]
+        (data / "train.jsonl").write_bytes(b"".join(rows * copies))
+        source = split_source("x", str(data), "train")
+        rates: dict[int, float] = {}
+        pairs: list[float] = []
+        for attempt, workers in enumerate(sorted({1, cores}) * repeats):
+            cache = Path(tmp) / f"cache{attempt}"
+            start = time.perf_counter()
+            store = ensure_store(source, tokenizer, cache, workers, shard_rows)
+            seconds = time.perf_counter() - start
+            shutil.rmtree(cache)
+            rate = store.num_documents / seconds
+            rates[workers] = max(rates.get(workers, 0.0), rate)
+            pairs.append(rate)
+            print(
+                f"prepare, {store.num_documents} documents ({store.num_tokens / 1e6:.1f}M tokens), "
+                f"{workers} worker(s): {rate:,.0f} documents/s, "
+                f"{store.num_tokens / seconds / 1e6:.2f}M tokens/s ({seconds:.1f} s)"
+            )
+    if cores > 1:
+        ratios = [b / a for a, b in zip(pairs[::2], pairs[1::2], strict=True)]
+        print(
+            f"prepare speed-up with {cores} workers: {rates[cores] / rates[1]:.2f}x best to best; "
+            f"per interleaved pair {', '.join(f'{r:.2f}x' for r in ratios)} ({shard_rows} rows "
+            "per shard)"
+        )
 
 
 def benchmark_generation(cfg, model, tokenizer, placement) -> None:

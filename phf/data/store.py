@@ -39,6 +39,7 @@ cache ahead of a sweep, and concurrent runs that need the same store build it on
 from __future__ import annotations
 
 import fcntl
+import gc
 import hashlib
 import json
 import logging
@@ -318,10 +319,15 @@ def prepare(
             _init_worker(tokenizer)
             results: Iterator[dict[str, int]] = map(_write_shard, jobs())
         else:
-            # fork: the workers inherit the tokenizer; imap keeps a few shards in flight.
+            # fork: the workers inherit the tokenizer; imap keeps a few shards in flight. The
+            # heap is frozen first, so that the workers' garbage collections skip the million
+            # objects torch and transformers made (and copy-on-write leaves their pages shared):
+            # ~10% of a two-worker preparation otherwise.
+            gc.freeze()
             pool = multiprocessing.get_context("fork").Pool(
                 workers, initializer=_init_worker, initargs=(tokenizer,)
             )
+            gc.unfreeze()
             results = pool.imap(_write_shard, jobs(), chunksize=1)
         for stats in results:
             report.shards_written += 1

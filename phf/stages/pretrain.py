@@ -64,13 +64,14 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def adamw(
     modules: list[torch.nn.Module], train: DictConfig, placement: Placement, eps: float = 1e-8
 ) -> torch.optim.AdamW:
-    """AdamW over ``modules`` (weight decay on matrices only), fused on CUDA."""
+    """AdamW over ``modules`` (weight decay on matrices only), fused: one kernel per step on
+    CUDA and on the CPU (where the unfused loop is ~2% of the tiny model's step)."""
     return torch.optim.AdamW(
         [group for m in modules for group in optimizer_groups(m, train.weight_decay)],
         lr=train.lr,
         betas=tuple(train.adam_betas),
         eps=eps,
-        fused=placement.device.type == "cuda",
+        fused=placement.device.type in ("cuda", "cpu"),
     )
 
 
@@ -288,7 +289,7 @@ class PretrainStage:
             )
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
-            list(self.network.parameters()), self.cfg.train.max_grad_norm
+            list(self.network.parameters()), self.cfg.train.max_grad_norm, foreach=True
         )
         self.scaler.step(self.optimizer)
         self.scaler.update()
