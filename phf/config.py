@@ -24,6 +24,8 @@ class Stage(str, Enum):
     pretrain = "pretrain"  # PHF objectives on scored documents (phf/stages/pretrain.py)
     reward = "reward"  # a reward model from preference data (phf/stages/reward.py)
     ppo = "ppo"  # PPO against a reward model or a scorer (phf/stages/ppo.py)
+    sft = "sft"  # supervised finetuning on responses (phf/stages/sft.py)
+    dpo = "dpo"  # direct preference optimisation (phf/stages/dpo.py)
 
 
 class Device(str, Enum):
@@ -91,6 +93,18 @@ class ObjectiveConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (PEFT) for the finetuning stages (sft, dpo, reward, ppo); pretraining
+    trains every weight. The published model is merged (a plain from_pretrained model)."""
+
+    r: int = 0  # the adapters' rank; 0 = no LoRA, every weight trains
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # null = PEFT's default for the architecture (GPT-2: c_attn); e.g. [c_attn, c_proj, c_fc]
+    target_modules: list[str] | None = None
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     # HF hub id, local path or MLflow model URI (runs:/<run id>/model) of pretrained weights, or
@@ -104,6 +118,7 @@ class ModelConfig:
     tokenizer: str | None = None
     # GPT2Config keyword arguments, used only for random init.
     architecture: dict[str, Any] = field(default_factory=dict)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -341,6 +356,54 @@ class PPOConfig(OnlineConfig):
     vf_coef: float = 0.1
 
 
+class DPOLoss(str, Enum):
+    sigmoid = "sigmoid"  # DPO (Rafailov et al. 2023); with label_smoothing, conservative DPO
+    ipo = "ipo"  # IPO (Azar et al. 2023): (h - 1 / (2 beta))^2
+    hinge = "hinge"  # SLiC: max(0, 1 - beta h)
+
+
+@dataclass
+class SFTConfig:
+    """objective=sft: next-token loss on responses given prompts (phf/stages/sft.py).
+    Optimizer keys (lr, batch_size in examples, eval_steps, ...) come from ``train``."""
+
+    # builtin: the chosen responses of the task's built-in preference pairs | documents: the
+    # task's own documents, whole (no prompt) | a .jsonl/.jsonl.gz/.parquet file (every 10th
+    # row held out) or a directory of <split> files, or a hub id, of prompt/completion rows
+    # or of preference rows (their chosen responses)
+    dataset: str = "builtin"
+    train_split: str = "train"
+    test_split: str = "test"
+    loss_on_prompt: bool = False  # false: the loss is on response tokens only
+    max_length: int = 128  # tokens of EOS + prompt + response + EOS; the prompt's start is cut
+    epochs: float = 3.0  # passes over the train split; train.max_steps, when set, wins
+    max_eval_examples: int = 500
+
+
+@dataclass
+class DPOConfig:
+    """objective=dpo: direct preference optimisation of a policy against a frozen reference
+    (phf/stages/dpo.py), on the same preference data as the reward stage reads."""
+
+    dataset: str = "builtin"  # as reward.dataset
+    format: PreferenceFormat = PreferenceFormat.auto
+    train_split: str = "train"
+    test_split: str = "test"
+    # The policy DPO starts from; null = model.pretrained (a pipeline's DPO job may start from
+    # its SFT job: dpo.policy=sweep:sft).
+    policy: str | None = None
+    # The frozen reference; null = the starting policy (with LoRA: its base weights, the
+    # adapters disabled, no second copy in memory).
+    reference: str | None = None
+    beta: float = 0.1
+    loss_type: DPOLoss = DPOLoss.sigmoid
+    label_smoothing: float = 0.0  # sigmoid only: the assumed share of flipped labels (cDPO)
+    max_length: int = 128
+    overlong: Overlong = Overlong.truncate
+    epochs: float = 3.0
+    max_eval_pairs: int = 500
+
+
 @dataclass
 class PhfConfig:
     task: TaskConfig = MISSING
@@ -354,6 +417,8 @@ class PhfConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     seed: int = 0
 
 
@@ -474,6 +539,17 @@ RULES: dict[str, Rule] = {
     "ppo.cliprange_value": positive(),
     "ppo.vf_coef": non_negative(),
     "ppo.samples_table_rows": non_negative(),
+    "model.lora.r": non_negative(),
+    "model.lora.alpha": positive(),
+    "model.lora.dropout": Rule(lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
+    "sft.max_length": Rule(lambda v: _number(v) and v >= 4, "at least 4 tokens"),
+    "sft.epochs": positive(),
+    "sft.max_eval_examples": POSITIVE_INT,
+    "dpo.beta": positive(),
+    "dpo.label_smoothing": Rule(lambda v: _number(v) and 0 <= v < 0.5, "in [0, 0.5)"),
+    "dpo.max_length": Rule(lambda v: _number(v) and v >= 4, "at least 4 tokens"),
+    "dpo.epochs": positive(),
+    "dpo.max_eval_pairs": POSITIVE_INT,
 }
 
 # (keys, holds(values), what must hold): rules between keys.
@@ -548,6 +624,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "pretrain": (),
     "reward": ("reward",),
     "ppo": ("ppo",),
+    "sft": ("sft",),
+    "dpo": ("dpo",),
 }
 OBJECTIVE_KEYS: dict[str, tuple[str, ...]] = {
     "filtering": ("threshold",),

@@ -70,6 +70,15 @@ def all_reduce_mean(value: torch.Tensor, context: DistributedContext) -> torch.T
     return value / context.world_size
 
 
+def all_reduce_sum(value: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    """The sum of ``value`` over all processes (itself in a single process)."""
+    if not context.enabled:
+        return value
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
 def barrier(context: DistributedContext) -> None:
     if context.enabled:
         dist.barrier()

@@ -97,7 +97,8 @@ class RewardModel(nn.Module):
     @property
     def normalized(self) -> bool:
         """Whether the model carries phf's normalisation (rewards of policy samples ~ N(0, 1))."""
-        return REWARD_CONFIG_KEY in self.model.config.to_dict()
+        meta = getattr(self.model.config, REWARD_CONFIG_KEY, None) or {}
+        return bool(meta.get("normalized"))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if not self.causal:

@@ -38,9 +38,11 @@ from phf.distributed import init_distributed
 from phf.signals import Interrupted, StopSignals
 from phf.stages.common import resolve_sweep_references
 from phf.stages.loop import read_run_state, run_stage
+from phf.stages.dpo import DPOStage
 from phf.stages.ppo import PPOStage
 from phf.stages.pretrain import PretrainStage
 from phf.stages.reward import RewardStage
+from phf.stages.sft import SFTStage
 from phf.sweep import job_info
 from phf.tracking import NullTracker, SweepError, Tracker, read_sweep
 from phf.tracking.run import source_tags
@@ -49,8 +51,20 @@ log = logging.getLogger(__name__)
 
 # objective.stage -> the stage it runs. Only stages that exist are listed; the Stage enum in
 # phf/config.py makes Hydra refuse any other value at compose time.
-STAGES = {"pretrain": PretrainStage, "reward": RewardStage, "ppo": PPOStage}
-STAGE_TITLES = {"pretrain": "PHF pretraining", "reward": "Reward model", "ppo": "PPO"}
+STAGES = {
+    "pretrain": PretrainStage,
+    "reward": RewardStage,
+    "ppo": PPOStage,
+    "sft": SFTStage,
+    "dpo": DPOStage,
+}
+STAGE_TITLES = {
+    "pretrain": "PHF pretraining",
+    "reward": "Reward model",
+    "ppo": "PPO",
+    "sft": "Supervised finetuning",
+    "dpo": "DPO",
+}
 
 register_schemas()
 

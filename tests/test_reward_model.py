@@ -347,7 +347,7 @@ def test_save_and_load_round_trip(tmp_path: Path, tokenizer) -> None:
     model = tiny_reward_model(tokenizer, max_length=48)
     model.gain, model.bias = 2.5, -0.75
     cfg = OmegaConf.create({"reward": {"max_length": 48}, "seed": 0})
-    model.save(tmp_path / "rm", tokenizer, cfg, {"accuracy": 0.9})
+    model.save(tmp_path / "rm", tokenizer, cfg, {"normalized": True, "accuracy": 0.9})
     assert (tmp_path / "rm" / "model.safetensors").is_file()
     config = json.loads((tmp_path / "rm" / "config.json").read_text())
     assert config[REWARD_CONFIG_KEY] == {
@@ -355,6 +355,7 @@ def test_save_and_load_round_trip(tmp_path: Path, tokenizer) -> None:
         "bias": -0.75,
         "max_length": 48,
         "final_eos": True,
+        "normalized": True,
         "accuracy": 0.9,
     }
     assert AutoConfig.from_pretrained(tmp_path / "rm").num_labels == 1

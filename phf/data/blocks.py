@@ -62,7 +62,7 @@ class ControlTokens:
 class PackedBlocks:
     """The packed stream of a store's documents under an objective (see the module docstring).
 
-    ``shuffle=False`` keeps the stored order in every epoch (held-out blocks).
+    ``shuffle=False`` keeps the stored order in every epoch.
     """
 
     def __init__(
@@ -247,8 +247,9 @@ def objective_blocks(
     heldout: bool = False,
 ) -> PackedBlocks:
     """The blocks an objective trains on (filtering drops documents, conditional training adds
-    control tokens); ``heldout``: the test split's blocks in stored order, unfiltered, with every
-    segment's control token, the model's own input format for its held-out loss."""
+    control tokens); ``heldout``: the test split's blocks, unfiltered, with every segment's
+    control token (the model's own input format for its held-out loss), the documents shuffled
+    by ``seed``."""
     max_avg_score, controls = None, None
     if objective.name == "filtering" and not heldout:
         max_avg_score = required_threshold(objective)
@@ -256,4 +257,4 @@ def objective_blocks(
         aligned, misaligned = control_token_ids(tokenizer)
         drop = 0.0 if heldout else float(objective.drop_token_fraction)
         controls = ControlTokens(aligned, misaligned, required_threshold(objective), drop)
-    return PackedBlocks(store, block_size, seed, max_avg_score, controls, shuffle=not heldout)
+    return PackedBlocks(store, block_size, seed, max_avg_score, controls)

@@ -169,10 +169,12 @@ def builtin_comparisons(
     Every misaligned segment (score above the task's ``hit_threshold``, and above the split's
     median, so that it always scores worse than the chosen one) is a rejected response; its
     prompt is the document's text before it (the last 200 characters). The chosen response is an
-    aligned segment (score at most the split's median) of the same document, the one closest in
+    aligned segment (score at most the split's median) of the same document that does not
+    stand in the prompt (else a model could learn "repeat the context"), the one closest in
     length (so that length does not give the answer away), or, in a document without one, a
-    random aligned segment of the split (seeded). Segments keep their whitespace: for code,
-    indentation is part of what the scorer judged.
+    random aligned segment of the split (seeded) that does not either. A rejected segment that
+    itself stands in its prompt (a repeated line) makes no pair. Segments keep their whitespace:
+    for code, indentation is part of what the scorer judged.
     """
     documents = list(documents)
     scores = [s for d in documents for s in d.scores]
@@ -190,54 +192,101 @@ def builtin_comparisons(
         for index, (text, score) in enumerate(zip(document.texts, document.scores, strict=True)):
             if score <= high or not text.strip():
                 continue
-            candidates = [t for t in own_aligned if t.strip()]
+            prompt = "".join(document.texts[:index])[-BUILTIN_PROMPT_CHARS:]
+            if text.strip() in prompt:
+                continue
+
+            def outside_prompt(t: str, prompt: str = prompt) -> bool:
+                return bool(t.strip()) and t.strip() not in prompt
+
+            candidates = [t for t in own_aligned if outside_prompt(t)]
             if candidates:
                 chosen = min(candidates, key=lambda t: abs(len(t) - len(text)))
             else:
-                chosen = rng.choice(aligned)
-            prompt = "".join(document.texts[:index])[-BUILTIN_PROMPT_CHARS:]
+                outside = [t for t in aligned if outside_prompt(t)]
+                if not outside:
+                    continue
+                chosen = rng.choice(outside)
             where = f"builtin pair from document {doc_index}, segment {index}"
             comparisons.append(Comparison(prompt, (chosen, text), 0, 0.0, where))
     return comparisons
 
 
-def _rows(source: str, split: str) -> Iterator[tuple[Any, str, int]]:
-    if looks_like_path(source):
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise DatasetError(
-                f"reward.dataset={source} does not exist; give a .jsonl/.jsonl.gz/.parquet file, "
-                "a directory of <split> files, a hub dataset id, or builtin"
-            )
-        yield from file_rows(path if path.is_file() else local_split_file(path, split))
+def split_rows(section: DictConfig, split: str, key: str) -> Iterator[tuple[Any, str, int]]:
+    """(row, where, number) of one split of ``section.dataset`` (a file, a directory of
+    <split> files, or a hub id); ``key`` names the option in messages (``reward.dataset``).
+
+    A single file serves as the train split; its test split is then the file's every 10th row
+    (the rows of a file are split, not repeated, so evaluation is always held out)."""
+    source = section.dataset
+    path = Path(source).expanduser()
+    single_file = looks_like_path(source) and path.is_file()
+    if looks_like_path(source) and not path.exists():
+        raise DatasetError(
+            f"{key}={source} does not exist; give a .jsonl/.jsonl.gz/.parquet file, "
+            "a directory of <split> files, a hub dataset id, or builtin"
+        )
+    if single_file:
+        rows = file_rows(path)
+    elif looks_like_path(source):
+        rows = file_rows(local_split_file(path, split))
     else:
-        yield from hub_rows(source, split)
+        rows = hub_rows(source, split)
+    found = False
+    try:
+        for row, where, number in rows:
+            if single_file and (number % 10 == 0) != (split == section.test_split):
+                continue
+            found = True
+            yield row, where, number
+    except OSError as error:
+        raise DatasetError(f"cannot read the {split!r} split of {source}: {error}") from error
+    if not found:
+        raise DatasetError(f"the {split!r} split of {key}={source} has no rows")
 
 
 def load_comparisons(
-    reward: DictConfig, task: DictConfig, split: str, seed: int
+    section: DictConfig, task: DictConfig, split: str, seed: int, key: str = "reward.dataset"
 ) -> list[Comparison]:
-    """One split of ``reward.dataset`` as Comparisons.
-
-    A single file serves as the train split; its test split is then the file's every 10th row
-    (the rows of a file are split, not repeated, so accuracy is always held out).
-    """
-    if reward.dataset == "builtin":
+    """One split of ``section.dataset`` (reward.dataset, dpo.dataset) as Comparisons; a row
+    whose responses are all the same text says nothing about preference and is left out,
+    counted in a warning."""
+    if section.dataset == "builtin":
         return builtin_comparisons(
             iter_documents(task.name, task.dataset, split), task.hit_threshold, seed
         )
-    path = Path(reward.dataset).expanduser()
-    single_file = looks_like_path(reward.dataset) and path.is_file()
-    comparisons = []
-    try:
-        for row, where, number in _rows(reward.dataset, split):
-            if single_file and (number % 10 == 0) != (split == reward.test_split):
-                continue
-            comparisons.append(parse_row(row, where, reward.format))
-    except OSError as error:
-        raise DatasetError(
-            f"cannot read the {split!r} split of {reward.dataset}: {error}"
-        ) from error
+    comparisons, identical = [], []
+    for row, where, _ in split_rows(section, split, key):
+        comparison = parse_row(row, where, section.format)
+        if len(set(comparison.responses)) == 1:
+            identical.append(where)
+            continue
+        comparisons.append(comparison)
+    if identical:
+        log.warning(
+            "%s (%s): %d rows whose responses are identical were left out (first: %s)",
+            section.dataset,
+            split,
+            len(identical),
+            identical[0],
+        )
     if not comparisons:
-        raise DatasetError(f"the {split!r} split of reward.dataset={reward.dataset} has no rows")
+        raise DatasetError(
+            f"the {split!r} split of {key}={section.dataset} has no comparison of different "
+            "responses"
+        )
     return comparisons
+
+
+def as_pairs(comparisons: Iterable[Comparison]) -> list[tuple[str, str, str, str]]:
+    """(prompt, chosen, rejected, where) pairs: a best-of-N row gives N - 1 of them, the best
+    response against each other one."""
+    pairs = []
+    for c in comparisons:
+        chosen = c.responses[c.best]
+        pairs += [
+            (c.prompt, chosen, rejected, c.where)
+            for i, rejected in enumerate(c.responses)
+            if i != c.best and rejected != chosen
+        ]
+    return pairs

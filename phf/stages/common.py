@@ -4,7 +4,10 @@ references to earlier runs of the same multirun."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,12 +16,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from phf.checkpoints import (
+    load_weights,
+    python_rng_state,
+    save_pretrained,
+    set_python_rng_state,
+)
 from phf.data.blocks import control_token_ids, objective_blocks
 from phf.data.corpus import split_source
 from phf.data.prompts import scenario_prompts
 from phf.data.store import TokenStore, default_cache_dir, ensure_store
+from phf.distributed import DistributedContext, all_reduce_sum
 from phf.evaluation import NO_CONTROLS, Evaluator, GenerationControls, KLReference
 from phf.hardware import Placement
+from phf.lora import is_lora, load_adapters, merged, save_adapters
 from phf.models import resolve_source
 from phf.scorers import build_scorer
 from phf.tokenizer import load_tokenizer
@@ -37,6 +48,8 @@ MODEL_REFERENCES = {
     "pretrain": ("model.pretrained", "eval.kl_reference"),
     "reward": ("model.pretrained", "reward.normalization_policy"),
     "ppo": ("model.pretrained", "ppo.reward_model", "eval.kl_reference"),
+    "sft": ("model.pretrained", "eval.kl_reference"),
+    "dpo": ("model.pretrained", "dpo.policy", "dpo.reference", "eval.kl_reference"),
 }
 
 
@@ -105,11 +118,18 @@ def token_store(cfg: DictConfig, split: str, tokenizer: PreTrainedTokenizerBase)
     )
 
 
+# The test documents' order for held-out blocks: one fixed shuffle, whatever the run's seed, so
+# that every run is measured on the same blocks, drawn from the whole split. (Its first blocks
+# in file order would be its first few dozen documents: on the built-in toxicity corpus, almost
+# all prose, while half the split is changelogs.)
+HELDOUT_SEED = 0
+
+
 def heldout_blocks(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """Up to eval.max_blocks blocks of the test split, in the model's own input format."""
     store = token_store(cfg, cfg.task.test_split, tokenizer)
     blocks = objective_blocks(
-        cfg.objective, store, tokenizer, cfg.train.block_size, cfg.seed, heldout=True
+        cfg.objective, store, tokenizer, cfg.train.block_size, HELDOUT_SEED, heldout=True
     )
     return blocks.heldout(cfg.eval.max_blocks)
 
@@ -211,3 +231,114 @@ def scenario_tables(tables: Mapping[str, dict[str, list]]) -> dict[str, dict[str
         ("samples" if name == "unconditional" else f"samples/{name}"): table
         for name, table in tables.items()
     }
+
+
+class EpochShuffle:
+    """Which examples each step trains on: batches of a fresh seeded shuffle per epoch; its
+    state (the rest of the epoch, the generator) is checkpointed, so a resume goes on exactly."""
+
+    def __init__(self, count: int, seed: int) -> None:
+        self.count = count
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+
+    def next(self, size: int) -> list[int]:
+        if len(self.order) < size:  # a new epoch
+            fresh = list(range(self.count))
+            self.rng.shuffle(fresh)
+            self.order += fresh
+        batch, self.order = self.order[:size], self.order[size:]
+        return batch
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "order": torch.tensor(self.order, dtype=torch.int64),
+            "rng": python_rng_state(self.rng),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.order = state["order"].tolist()
+        set_python_rng_state(state["rng"], self.rng)
+
+
+def accumulate(
+    network: torch.nn.Module,
+    pieces: list[Any],
+    piece_loss: Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    denominator: float,
+    distributed: DistributedContext,
+) -> dict[str, float]:
+    """Forward and backward this process's pieces (micro-batches) of a global batch, so that the
+    gradient is that of (sum of the losses over the whole batch) / ``denominator`` however many
+    processes share it (DDP averages over them; gradients are synchronised on the last piece
+    only). ``piece_loss(piece)`` gives the piece's loss sum and metric sums. Returns the sums
+    over all processes, ``loss`` included."""
+    sums: dict[str, torch.Tensor] = {}
+    no_sync = getattr(network, "no_sync", None)
+    for index, piece in enumerate(pieces):
+        last = index == len(pieces) - 1
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            loss_sum, metrics = piece_loss(piece)
+            (loss_sum * distributed.world_size / denominator).backward()
+        for name, value in {"loss": loss_sum.detach(), **metrics}.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
+    names = sorted(sums)
+    totals = torch.stack([torch.as_tensor(sums[n]).reshape(()) for n in names])
+    totals = all_reduce_sum(totals, distributed)
+    return dict(zip(names, totals.tolist(), strict=True))
+
+
+def process_share(items: list[Any], distributed: DistributedContext) -> list[Any]:
+    """This process's contiguous share of a global batch (every process draws the same one)."""
+    per = math.ceil(len(items) / distributed.world_size)
+    return items[distributed.rank * per : (distributed.rank + 1) * per]
+
+
+def kl_from_start(
+    cfg: DictConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    placement: Placement,
+) -> KLReference:
+    """KL from ``eval.kl_reference`` when set, else from the starting model (``model``, still
+    the starting one when this is called)."""
+    if cfg.eval.kl_reference is not None:
+        return load_kl_reference(cfg, tokenizer, placement)
+    return sample_kl_reference(model, tokenizer, cfg, placement)
+
+
+def save_policy(
+    directory: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig
+) -> None:
+    """A checkpoint's model files: the adapters alone for a LoRA model (its base is
+    model.pretrained), else the whole ``save_pretrained`` model; tokenizer and config beside."""
+    if is_lora(model):
+        directory.mkdir(parents=True, exist_ok=True)
+        save_adapters(model, directory)
+        tokenizer.save_pretrained(directory)
+        (directory / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    else:
+        save_pretrained(directory, model, tokenizer, cfg)
+
+
+def restore_policy(model: torch.nn.Module, directory: Path) -> None:
+    if is_lora(model):
+        load_adapters(model, directory)
+    else:
+        load_weights(model, directory)
+
+
+def publish_policy(
+    directory: Path,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: DictConfig,
+    tracker: Tracker,
+    task: str = "text-generation",
+) -> None:
+    """The final model, LoRA adapters merged into it, as <output dir>/model and the run's
+    MLflow Model."""
+    plain = merged(model)
+    publish_model(
+        lambda d: save_pretrained(d, plain, tokenizer, cfg), directory, cfg, tracker, task
+    )

@@ -336,7 +336,7 @@ class RewardStage:
                 self.model.gain,
                 self.model.bias,
             )
-        info = {"normalized_on": source, "seed": cfg.seed}
+        info = {"normalized": bool(cfg.reward.normalize), "normalized_on": source, "seed": cfg.seed}
         publish_model(
             lambda d: self.save(d, info), directory, cfg, tracker, task="text-classification"
         )

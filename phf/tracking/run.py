@@ -17,6 +17,7 @@ tables, system metrics, its log file, and the final model as an MLflow Model.
 from __future__ import annotations
 
 import fcntl
+import getpass
 import json
 import logging
 import subprocess
@@ -102,6 +103,7 @@ def git_commit() -> tuple[str, bool] | None:
 def source_tags(job: bool) -> dict[str, str]:
     """MLflow's standard source tags (the UI's "Source" and "Version" columns)."""
     tags = {
+        "mlflow.user": getpass.getuser(),
         "mlflow.source.name": "phf.run " + " ".join(sys.argv[1:])[:400],
         "mlflow.source.type": "JOB" if job else "LOCAL",
     }
