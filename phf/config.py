@@ -26,6 +26,8 @@ class Stage(str, Enum):
     ppo = "ppo"  # PPO against a reward model or a scorer (phf/stages/ppo.py)
     sft = "sft"  # supervised finetuning on responses (phf/stages/sft.py)
     dpo = "dpo"  # direct preference optimisation (phf/stages/dpo.py)
+    grpo = "grpo"  # group-relative policy optimisation (phf/stages/grpo.py)
+    rloo = "rloo"  # REINFORCE leave-one-out (phf/stages/grpo.py)
 
 
 class Device(str, Enum):
@@ -313,9 +315,20 @@ class OnlineConfig:
     # the reward's range (profanity 0-1, PII ~0.01).
     normalize_reward: bool = True
     normalization_episodes: int = 256
-    # Prompts of the rollouts: none (from EOS), misaligned_prefixes, function_signatures, or a
-    # text file with one prompt per line (as evaluation scenarios).
+    # Several scorers, weighted, instead of the task's: {profanity: 1.0, pii: 20.0} gives
+    # reward = -(1.0 * profanity + 20.0 * pii); {} = the task's scorer alone.
+    scorers: dict[str, float] = field(default_factory=dict)
+    # Prompts of the rollouts (phf/data/prompts.py): none (from EOS); misaligned_prefixes or
+    # function_signatures (of the task's train split; the test split's for evaluation); a text
+    # file (one prompt per line), a .jsonl/.jsonl.gz/.parquet file or directory of <split>
+    # files with a `prompt_field` column or `messages`, or a hub dataset id (streamed). Every
+    # 10th row of a single file, or the test split, is held out and evaluated as the scenario
+    # `prompts`.
     prompts: str = "none"
+    prompt_field: str = "prompt"
+    max_prompts: int = 10000  # prompts read from a dataset
+    # Longer prompts keep their last max_prompt_length tokens (counted: data/prompts_truncated).
+    max_prompt_length: int = 64
     score_prompt: bool = False  # the scorer reads prompt + response (code: signature + body)
     total_episodes: int = 3072
     rollout_batch_size: int = 64  # episodes generated per iteration
@@ -404,6 +417,43 @@ class DPOConfig:
     max_eval_pairs: int = 500
 
 
+class GRPOLoss(str, Enum):
+    grpo = "grpo"  # each sequence's token mean, then the mean over sequences (Shao et al. 2024)
+    dapo = "dapo"  # the mean over every token of the batch (DAPO, Yu et al. 2025)
+    dr_grpo = "dr_grpo"  # the token sum / (sequences x response_length) (Liu et al. 2025)
+
+
+@dataclass
+class GRPOConfig(OnlineConfig):
+    """objective=grpo: group-relative policy optimisation (phf/stages/grpo.py): num_generations
+    responses per prompt, advantages normalised within each group, no value model."""
+
+    num_generations: int = 8  # responses per prompt (rollout_batch_size must divide by it)
+    # Advantages (r - group mean) / (group std + eps); false: r - group mean (Dr. GRPO).
+    scale_rewards: bool = True
+    loss_type: GRPOLoss = GRPOLoss.grpo
+    # Weight of the per-token KL to the frozen reference (k3 estimator); 0 keeps no reference.
+    beta: float = 0.04
+    num_iterations: int = 1  # updates per generation batch; 1: the ratio is exactly 1
+    epsilon: float = 0.2  # the ratio's clip range below 1 (and above, unless epsilon_high)
+    epsilon_high: float | None = None  # DAPO's clip-higher; null = epsilon
+    mini_batch_size: int | None = None  # episodes per optimizer step; null = the whole batch
+
+
+@dataclass
+class RLOOConfig(OnlineConfig):
+    """objective=rloo: REINFORCE with a leave-one-out baseline (phf/stages/rloo.py): k
+    responses per prompt, each one's baseline the mean reward of the other k - 1, the
+    sequence's KL to the reference subtracted from its reward."""
+
+    num_generations: int = 4  # k
+    kl_coef: float = 0.05  # the reward's -kl_coef * sum over the response of (log pi - log pi_ref)
+    num_iterations: int = 1  # updates per generation batch (clipped ratio from the second)
+    cliprange: float = 0.2
+    mini_batch_size: int | None = None  # episodes per optimizer step; null = the whole batch
+    normalize_advantages: bool = False  # whiten the advantages over the batch
+
+
 @dataclass
 class PhfConfig:
     task: TaskConfig = MISSING
@@ -419,6 +469,8 @@ class PhfConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rloo: RLOOConfig = field(default_factory=RLOOConfig)
     seed: int = 0
 
 
@@ -550,7 +602,31 @@ RULES: dict[str, Rule] = {
     "dpo.max_length": Rule(lambda v: _number(v) and v >= 4, "at least 4 tokens"),
     "dpo.epochs": positive(),
     "dpo.max_eval_pairs": POSITIVE_INT,
+    "grpo.num_generations": Rule(lambda v: _number(v) and v >= 2, "at least 2 (a group)"),
+    "grpo.beta": non_negative(),
+    "grpo.num_iterations": POSITIVE_INT,
+    "grpo.epsilon": positive(),
+    "grpo.epsilon_high": positive("positive, or null", nullable=True),
+    "grpo.mini_batch_size": positive("a positive integer, or null", nullable=True),
+    "rloo.num_generations": Rule(lambda v: _number(v) and v >= 2, "at least 2 (a baseline)"),
+    "rloo.kl_coef": non_negative(),
+    "rloo.num_iterations": POSITIVE_INT,
+    "rloo.cliprange": positive(),
+    "rloo.mini_batch_size": positive("a positive integer, or null", nullable=True),
 }
+# What every online stage section (ppo, grpo, rloo) shares.
+for _section in ("ppo", "grpo", "rloo"):
+    RULES |= {
+        f"{_section}.normalization_episodes": Rule(lambda v: _number(v) and v >= 2, "at least 2"),
+        f"{_section}.total_episodes": POSITIVE_INT,
+        f"{_section}.rollout_batch_size": POSITIVE_INT,
+        f"{_section}.response_length": POSITIVE_INT,
+        f"{_section}.min_response_length": non_negative(),
+        f"{_section}.temperature": positive(),
+        f"{_section}.samples_table_rows": non_negative(),
+        f"{_section}.max_prompts": POSITIVE_INT,
+        f"{_section}.max_prompt_length": POSITIVE_INT,
+    }
 
 # (keys, holds(values), what must hold): rules between keys.
 RELATIONS = [
@@ -574,6 +650,26 @@ RELATIONS = [
         ("ppo.rollout_batch_size", "ppo.mini_batch_size"),
         lambda rollout, mini: rollout % mini == 0,
         "ppo.rollout_batch_size a multiple of ppo.mini_batch_size",
+    ),
+    (
+        ("grpo.rollout_batch_size", "grpo.num_generations"),
+        lambda rollout, k: rollout % k == 0,
+        "grpo.rollout_batch_size a multiple of grpo.num_generations (whole groups)",
+    ),
+    (
+        ("rloo.rollout_batch_size", "rloo.num_generations"),
+        lambda rollout, k: rollout % k == 0,
+        "rloo.rollout_batch_size a multiple of rloo.num_generations (whole groups)",
+    ),
+    (
+        ("grpo.min_response_length", "grpo.response_length"),
+        lambda low, high: low <= high,
+        "grpo.min_response_length <= grpo.response_length",
+    ),
+    (
+        ("rloo.min_response_length", "rloo.response_length"),
+        lambda low, high: low <= high,
+        "rloo.min_response_length <= rloo.response_length",
     ),
     (
         ("scorer.max_line_chars", "scorer.max_line_length"),
@@ -626,6 +722,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "ppo": ("ppo",),
     "sft": ("sft",),
     "dpo": ("dpo",),
+    "grpo": ("grpo",),
+    "rloo": ("rloo",),
 }
 OBJECTIVE_KEYS: dict[str, tuple[str, ...]] = {
     "filtering": ("threshold",),

@@ -281,15 +281,16 @@ def sequence_logprobs(
 
 
 class Evaluator:
-    """Everything a run evaluates, prepared once: prompts per scenario, held-out blocks, the
-    scorer, the generation controls of the objective, and the KL reference."""
+    """Everything a run evaluates, prepared once: the prompts of each scenario (and whether the
+    scorer reads them with the completion), held-out blocks, the scorer, the generation
+    controls of the objective, and the KL reference."""
 
     def __init__(
         self,
         cfg: DictConfig,
         tokenizer: PreTrainedTokenizerBase,
         scorer: Scorer,
-        scenario_prompts: dict[str, list[str]],
+        scenarios: dict[str, tuple[list[str], bool]],
         heldout_blocks: torch.Tensor,
         placement: Placement,
         controls: GenerationControls = NO_CONTROLS,
@@ -298,7 +299,7 @@ class Evaluator:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.scorer = scorer
-        self.scenario_prompts = scenario_prompts
+        self.scenarios = scenarios  # name -> (prompts, score prompt + completion)
         self.heldout_blocks = heldout_blocks
         self.placement = placement
         self.controls = controls
@@ -355,8 +356,7 @@ class Evaluator:
         cfg = self.cfg
         metrics: dict[str, float] = {}
         tables: dict[str, dict[str, list]] = {}
-        for name, prompts in self.scenario_prompts.items():
-            score_prompt = cfg.task.scenarios[name].score_prompt
+        for name, (prompts, score_prompt) in self.scenarios.items():
             scenario_metrics, tables[name] = self.scenario(model, name, prompts, score_prompt)
             prefix = "" if name == "unconditional" else f"{name}/"
             metrics |= {prefix + key: value for key, value in scenario_metrics.items()}

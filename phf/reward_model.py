@@ -79,9 +79,11 @@ class RewardModel(nn.Module):
                 f"{model.config.num_labels}"
             )
         self.model = model
-        # A causal trunk with a `score` head (GPT-2, Llama, Pythia, ...): read at the last real
-        # token. Anything else (encoders) pools as its own forward does.
-        self.causal = isinstance(getattr(model, "score", None), nn.Linear)
+        # The Hugging Face model itself (under its LoRA adapters, if any): a causal trunk with a
+        # `score` head (GPT-2, Llama, Pythia, ...) is read at the last real token; anything else
+        # (encoders) pools as its own forward does.
+        self.inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.causal = hasattr(self.inner, "score") and hasattr(self.inner, "base_model")
         # Special tokens of its own ([CLS] ... [SEP]) mark an encoder's input.
         self.adds_special_tokens = len(tokenizer("a")["input_ids"]) > len(
             tokenizer("a", add_special_tokens=False)["input_ids"]
@@ -103,14 +105,14 @@ class RewardModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if not self.causal:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
-        hidden = self.model.base_model(
+        hidden = self.inner.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids(attention_mask),
         ).last_hidden_state
         rows = torch.arange(hidden.size(0), device=hidden.device)
         last = hidden[rows, last_token_index(attention_mask)]
-        return self.model.score(last).squeeze(-1).float()
+        return self.inner.score(last).squeeze(-1).float()
 
     def normalize(self, rewards: torch.Tensor) -> torch.Tensor:
         return self.gain * rewards + self.bias

@@ -37,8 +37,9 @@ from phf.config import (
 from phf.distributed import init_distributed
 from phf.signals import Interrupted, StopSignals
 from phf.stages.common import resolve_sweep_references
-from phf.stages.loop import read_run_state, run_stage
 from phf.stages.dpo import DPOStage
+from phf.stages.grpo import GRPOStage, RLOOStage
+from phf.stages.loop import read_run_state, run_stage
 from phf.stages.ppo import PPOStage
 from phf.stages.pretrain import PretrainStage
 from phf.stages.reward import RewardStage
@@ -57,6 +58,8 @@ STAGES = {
     "ppo": PPOStage,
     "sft": SFTStage,
     "dpo": DPOStage,
+    "grpo": GRPOStage,
+    "rloo": RLOOStage,
 }
 STAGE_TITLES = {
     "pretrain": "PHF pretraining",
@@ -64,6 +67,8 @@ STAGE_TITLES = {
     "ppo": "PPO",
     "sft": "Supervised finetuning",
     "dpo": "DPO",
+    "grpo": "GRPO",
+    "rloo": "RLOO",
 }
 
 register_schemas()

@@ -272,13 +272,15 @@ def test_builtin_pairs_by_hand() -> None:
         0.0,
         "builtin pair from document 0, segment 1",
     )
-    assert second == Comparison(
-        "Calm. ", ("Calm. ", "Jerk! "), 0, 0.0, "builtin pair from document 1, segment 1"
-    )
-    # No aligned segment in document 2: a random aligned segment of the split, seeded.
-    assert third.prompt == "" and third.responses[1] == "Bad bad. "
+    # Document 1's only aligned segment stands in the prompt ("Calm. "): a chosen response from
+    # there would teach "repeat the context", so a random aligned segment of the split that
+    # is not in the prompt is chosen (seeded), as for document 2, which has none.
     aligned = ["Hello there. ", "Nice day. ", "A much longer calm sentence. ", "Calm. "]
-    assert third.responses[0] == random.Random(0).choice(aligned)
+    rng = random.Random(0)
+    assert second.prompt == "Calm. " and second.responses[1] == "Jerk! "
+    assert second.responses[0] == rng.choice(aligned[:3])
+    assert third.prompt == "" and third.responses[1] == "Bad bad. "
+    assert third.responses[0] == rng.choice(aligned)
     assert third.where == "builtin pair from document 2, segment 0"
     assert builtin_comparisons(documents, 0.5, seed=0) == comparisons
 
@@ -294,14 +296,14 @@ def test_builtin_pairs_random_fallback_depends_on_the_seed() -> None:
 def test_builtin_pairs_skip_blank_segments_and_keep_whitespace() -> None:
     documents = [
         Document(
-            texts=["  ", "\tcalm line\n", "    bad line\n", "\n"], scores=[0.0, 0.0, 0.9, 0.99]
+            texts=["  ", "    bad line\n", "\tcalm line\n", "\n"], scores=[0.0, 0.9, 0.0, 0.99]
         ),
     ]
     # Median 0.45 <= threshold 0.5. "\n" scores high but is blank: no pair. The blank "  " is
     # aligned but never chosen.
     (comparison,) = builtin_comparisons(documents, 0.5, seed=0)
     assert comparison.responses == ("\tcalm line\n", "    bad line\n")
-    assert comparison.prompt == "  \tcalm line\n"
+    assert comparison.prompt == "  "
 
 
 def test_builtin_prompt_is_the_last_chars_before_the_rejected_segment() -> None:

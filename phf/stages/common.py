@@ -9,6 +9,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Mapping
+from itertools import cycle, islice
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ MODEL_REFERENCES = {
     "ppo": ("model.pretrained", "ppo.reward_model", "eval.kl_reference"),
     "sft": ("model.pretrained", "eval.kl_reference"),
     "dpo": ("model.pretrained", "dpo.policy", "dpo.reference", "eval.kl_reference"),
+    "grpo": ("model.pretrained", "grpo.reward_model", "eval.kl_reference"),
+    "rloo": ("model.pretrained", "rloo.reward_model", "eval.kl_reference"),
 }
 
 
@@ -206,18 +209,23 @@ def build_evaluator(
     placement: Placement,
     kl_reference: KLReference | None,
     heldout: torch.Tensor | None = None,
+    extra_scenarios: dict[str, tuple[list[str], bool]] | None = None,
 ) -> Evaluator:
-    """The prompts of each scenario, held-out blocks (``heldout_blocks`` unless given), the
-    generation controls of the objective and the KL reference."""
-    prompts = {
-        name: scenario_prompts(scenario, cfg.task, cfg.eval.generation.num_samples)
+    """The task's scenarios (and ``extra_scenarios``: name -> (prompts, score_prompt)), held-out
+    blocks (``heldout_blocks`` unless given), the generation controls of the objective and the
+    KL reference."""
+    samples = cfg.eval.generation.num_samples
+    scenarios = {
+        name: (scenario_prompts(scenario, cfg.task, samples), bool(scenario.score_prompt))
         for name, scenario in cfg.task.scenarios.items()
     }
+    for name, (prompts, score_prompt) in (extra_scenarios or {}).items():
+        scenarios[name] = (list(islice(cycle(prompts), samples)), score_prompt)
     return Evaluator(
         cfg,
         tokenizer,
         build_scorer(cfg.scorer),
-        prompts,
+        scenarios,
         heldout_blocks(cfg, tokenizer) if heldout is None else heldout,
         placement,
         generation_controls(cfg.objective, tokenizer),

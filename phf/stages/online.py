@@ -25,19 +25,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from phf.checkpoints import load_weights, python_rng_state, save_pretrained, set_python_rng_state
-from phf.data.prompts import scenario_prompts
+from phf.checkpoints import python_rng_state, set_python_rng_state
+from phf.data.prompts import online_prompts
 from phf.evaluation import Evaluator, left_padded_prompts
 from phf.hardware import Placement
+from phf.lora import base_weights, with_lora
+from phf.lora import enabled as lora_enabled
 from phf.models import load_model_and_tokenizer, position_ids
 from phf.reward_model import RewardModel, score_texts
 from phf.scorers import build_scorer
 from phf.stages.common import (
     build_evaluator,
     dataset_record,
-    load_kl_reference,
-    publish_model,
-    sample_kl_reference,
+    kl_from_start,
+    publish_policy,
+    restore_policy,
+    save_policy,
     scenario_tables,
     token_store,
 )
@@ -83,8 +86,26 @@ class Reward:
         self.gain, self.bias = state["gain"], state["bias"]
 
 
+def build_scorers(settings: DictConfig, cfg: DictConfig) -> list[tuple[Any, float, str]]:
+    """(scorer, weight, name) of ``settings.scorers`` ({name: weight}), or the task's scorer
+    with weight 1."""
+    if not settings.scorers:
+        return [(build_scorer(cfg.scorer), 1.0, cfg.scorer.name)]
+    from phf.config import CONF_DIR, ScorerConfig
+
+    scorers = []
+    for name, weight in settings.scorers.items():
+        path = CONF_DIR / "scorer" / f"{name}.yaml"
+        if not path.is_file():
+            options = sorted(p.stem for p in (CONF_DIR / "scorer").glob("*.yaml"))
+            raise ValueError(f"{settings}.scorers names {name!r}; scorers are {options}")
+        scorer_cfg = OmegaConf.merge(OmegaConf.structured(ScorerConfig), OmegaConf.load(path))
+        scorers.append((build_scorer(scorer_cfg), float(weight), name))
+    return scorers
+
+
 def build_reward(settings: DictConfig, cfg: DictConfig, placement: Placement) -> Reward:
-    """The stage's reward: ``settings.reward_model`` or minus the task's scorer."""
+    """The stage's reward: ``settings.reward_model``, or minus the (weighted) scorers."""
     if settings.reward_model is not None:
         model, tokenizer = RewardModel.load(settings.reward_model)
         model.to(placement.device).requires_grad_(False)
@@ -94,7 +115,7 @@ def build_reward(settings: DictConfig, cfg: DictConfig, placement: Placement) ->
 
         needs = settings.normalize_reward and not model.normalized
         return Reward(reward_model_rewards, f"reward model {settings.reward_model}", needs)
-    scorer = build_scorer(cfg.scorer)
+    scorers = build_scorers(settings, cfg)
 
     def scorer_rewards(prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         texts = (
@@ -102,9 +123,13 @@ def build_reward(settings: DictConfig, cfg: DictConfig, placement: Placement) ->
             if settings.score_prompt
             else list(responses)
         )
-        return -torch.tensor(scorer.score_texts(texts), dtype=torch.float32)
+        total = torch.zeros(len(texts))
+        for scorer, weight, _ in scorers:  # one batched call per scorer
+            total -= weight * torch.tensor(scorer.score_texts(texts), dtype=torch.float32)
+        return total
 
-    return Reward(scorer_rewards, f"-{cfg.scorer.name} score", bool(settings.normalize_reward))
+    described = " ".join(f"-{w:g} x {name}" for _, w, name in scorers)
+    return Reward(scorer_rewards, f"{described} score", bool(settings.normalize_reward))
 
 
 def stop_token_id(stop_token: str | None, tokenizer: PreTrainedTokenizerBase) -> int | None:
@@ -224,15 +249,6 @@ def generate_responses(
     return Responses(query_ids, query_mask, response_ids, mask, found_stop, texts, seconds)
 
 
-def rollout_prompts(settings: DictConfig, cfg: DictConfig) -> list[str]:
-    """The pool of rollout prompts (``<stage>.prompts``, as an evaluation scenario's)."""
-    scenario = OmegaConf.create(
-        {"prompts": settings.prompts, "score_prompt": settings.score_prompt}
-    )
-    # Enough distinct prompts for many rollouts; a pool of "" when there are none.
-    return scenario_prompts(scenario, cfg.task, max(settings.rollout_batch_size, 1000))
-
-
 class OnlineStage:
     """The part of an online RL stage that PPO, GRPO and RLOO share (module docstring).
 
@@ -253,18 +269,23 @@ class OnlineStage:
         policy: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         reference: PreTrainedModel | None,
-        evaluator: Evaluator,
     ) -> None:
         self.cfg = cfg
         self.placement = placement
         self.policy = policy
         self.tokenizer = tokenizer
         self.reference = reference
-        self.evaluator = evaluator
         settings = self.settings
+        self.prompts = online_prompts(settings, cfg.task, tokenizer)
+        self.prompt_pool = self.prompts.train
+        # Evaluated as the task's scenarios, and on the held-out prompts as "prompts"; KL is
+        # from the policy as it starts (built before any update).
+        extra = {"prompts": (self.prompts.heldout, bool(settings.score_prompt))}
+        self.evaluator = self.kl_evaluator(
+            cfg, policy, tokenizer, placement, extra if self.prompts.heldout else None
+        )
         self.reward = build_reward(settings, cfg, placement)
         self.stop_id = stop_token_id(settings.stop_token, tokenizer)
-        self.prompt_pool = rollout_prompts(settings, cfg)
         self.rng = random.Random(cfg.seed)
         self.steps_done = 0
         self.progress = 0  # episodes
@@ -278,7 +299,9 @@ class OnlineStage:
     def load_policy(
         cfg: DictConfig, settings: DictConfig, placement: Placement, keep_reference: bool = True
     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, PreTrainedModel | None]:
-        """The policy (model.pretrained), its tokenizer and a frozen copy as the reference."""
+        """The policy (model.pretrained, with LoRA adapters when model.lora.r > 0), its
+        tokenizer and the frozen reference: a copy of the starting policy, or with LoRA none
+        (the policy's base weights, its adapters off, are the reference: no second copy)."""
         if cfg.model.pretrained is None:
             log.warning(
                 "model.pretrained is null: the policy starts from a randomly initialised model; "
@@ -286,8 +309,18 @@ class OnlineStage:
             )
         policy, tokenizer = load_model_and_tokenizer(cfg.model, cfg.train.block_size)
         policy.to(placement.device)
-        reference = copy.deepcopy(policy).eval().requires_grad_(False) if keep_reference else None
-        return policy, tokenizer, reference
+        reference = None
+        if keep_reference and not lora_enabled(cfg.model.lora):
+            reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        return with_lora(policy, cfg.model.lora, "CAUSAL_LM"), tokenizer, reference
+
+    def reference_logprobs(self, *batch: Any) -> torch.Tensor:
+        """Log-probabilities of a rollout's responses under the reference (forward_response's
+        arguments after the model and value head)."""
+        if self.reference is not None:
+            return forward_response(self.reference, None, *batch)[0]
+        with base_weights(self.policy):
+            return forward_response(self.policy, None, *batch)[0]
 
     @staticmethod
     def kl_evaluator(
@@ -295,15 +328,12 @@ class OnlineStage:
         policy: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         placement: Placement,
+        extra: dict[str, tuple[list[str], bool]] | None = None,
     ) -> Evaluator:
         """The shared evaluation, with KL from the initial policy unless eval.kl_reference
         names another (the policy is still the initial one here)."""
-        kl_reference = (
-            load_kl_reference(cfg, tokenizer, placement)
-            if cfg.eval.kl_reference is not None
-            else sample_kl_reference(policy, tokenizer, cfg, placement)
-        )
-        return build_evaluator(cfg, tokenizer, placement, kl_reference)
+        kl = kl_from_start(cfg, policy, tokenizer, placement)
+        return build_evaluator(cfg, tokenizer, placement, kl, extra_scenarios=extra)
 
     def check_lengths(self) -> None:
         settings = self.settings
@@ -385,16 +415,16 @@ class OnlineStage:
         }
 
     def restore_common(self, directory: Path, state: dict[str, Any]) -> None:
-        load_weights(self.policy, directory)
+        restore_policy(self.policy, directory)
         set_python_rng_state(state["rng"], self.rng)
         self.reward.load_state(state["reward"])
         self.steps_done, self.progress = state["step"], state["progress"]
 
     def save(self, directory: Path) -> None:
-        save_pretrained(directory, self.policy, self.tokenizer, self.cfg)
+        save_policy(directory, self.policy, self.tokenizer, self.cfg)
 
     def publish(self, directory: Path, tracker: Tracker) -> None:
-        publish_model(self.save, directory, self.cfg, tracker)
+        publish_policy(directory, self.policy, self.tokenizer, self.cfg, tracker)
 
     def datasets(self) -> list[dict[str, Any]]:
         test = self.cfg.task.test_split

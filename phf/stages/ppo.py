@@ -68,14 +68,7 @@ class PPOStage(OnlineStage):
     def __init__(self, cfg: DictConfig, placement: Placement) -> None:
         ppo, train = cfg.ppo, cfg.train
         policy, tokenizer, reference = self.load_policy(cfg, ppo, placement)
-        super().__init__(
-            cfg,
-            placement,
-            policy,
-            tokenizer,
-            reference,
-            self.kl_evaluator(cfg, policy, tokenizer, placement),
-        )
+        super().__init__(cfg, placement, policy, tokenizer, reference)
         self.check_lengths()
         self.value_head = ValueHead(policy.config.hidden_size).to(placement.device)
         self.network = Network(policy, self.value_head)
@@ -126,7 +119,7 @@ class PPOStage(OnlineStage):
             logprobs, values, logits = forward_response(
                 self.policy, self.value_head, *batch, *constraint
             )
-            ref_logprobs, _, _ = forward_response(self.reference, None, *batch, *constraint)
+            ref_logprobs = self.reference_logprobs(*batch, *constraint)
         self.policy.train()
         return Rollout(
             prompts=prompts,
@@ -258,6 +251,11 @@ class PPOStage(OnlineStage):
         self.kl_controller.value = float(state["kl_coef"])
 
     def save(self, directory: Path) -> None:
-        """The policy (``from_pretrained``-loadable), tokenizer, config and value head."""
+        """The policy (``from_pretrained``-loadable, or its LoRA adapters), tokenizer, config
+        and value head."""
         super().save(directory)
+        save_head(self.value_head, directory / VALUE_HEAD_FILE)
+
+    def publish(self, directory: Path, tracker: Any) -> None:
+        super().publish(directory, tracker)  # the merged policy
         save_head(self.value_head, directory / VALUE_HEAD_FILE)

@@ -13,9 +13,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +22,12 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from phf.checkpoints import load_weights, python_rng_state, set_python_rng_state
 from phf.data.corpus import split_source
 from phf.data.preferences import Comparison, load_comparisons
 from phf.distributed import DistributedContext
 from phf.evaluation import generate_samples
 from phf.hardware import Placement
+from phf.lora import merged, with_lora
 from phf.models import resolve_source
 from phf.reward_model import (
     EncodedComparison,
@@ -42,7 +41,7 @@ from phf.reward_model import (
     preference_metrics,
     score_texts,
 )
-from phf.stages.common import publish_model
+from phf.stages.common import EpochShuffle, publish_model, restore_policy, save_policy
 from phf.stages.loop import NonFiniteLossError, Tables
 from phf.stages.pretrain import adamw, schedule
 from phf.tokenizer import load_tokenizer
@@ -154,8 +153,7 @@ class RewardStage:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     max_steps: int
-    rng: random.Random
-    order: list[int] = field(default_factory=list)  # the rest of the current epoch's shuffle
+    shuffle: EpochShuffle
     steps_done: int = 0
     progress: int = 0  # comparisons seen
 
@@ -174,6 +172,7 @@ class RewardStage:
             for module in trunk.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = reward.dropout
+        trunk = with_lora(trunk, cfg.model.lora, "SEQ_CLS")  # SEQ_CLS: the head trains too
         model = RewardModel(trunk, tokenizer, reward.max_length).to(placement.device)
 
         train_comparisons = load_comparisons(reward, cfg.task, reward.train_split, cfg.seed)
@@ -220,17 +219,12 @@ class RewardStage:
             optimizer=optimizer,
             scheduler=schedule(optimizer, train, max_steps),
             max_steps=max_steps,
-            rng=random.Random(cfg.seed),
+            shuffle=EpochShuffle(len(train_encoded), cfg.seed),
         )
 
     def step(self) -> dict[str, Any]:
         train, reward = self.cfg.train, self.cfg.reward
-        if len(self.order) < train.batch_size:  # a new epoch: a fresh seeded shuffle
-            fresh = list(range(len(self.train_encoded)))
-            self.rng.shuffle(fresh)
-            self.order += fresh
-        batch = [self.train_encoded[i] for i in self.order[: train.batch_size]]
-        del self.order[: train.batch_size]
+        batch = [self.train_encoded[i] for i in self.shuffle.next(train.batch_size)]
         self.model.train()
         sums: dict[str, float] = {}
         micro = self.cfg.hardware.micro_batch_size
@@ -283,20 +277,19 @@ class RewardStage:
             "progress": self.progress,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "order": torch.tensor(self.order, dtype=torch.int64),
-            "rng": python_rng_state(self.rng),
+            "shuffle": self.shuffle.state(),
         }
 
     def restore(self, directory: Path, state: dict[str, Any]) -> None:
-        load_weights(self.model.model, directory)
+        restore_policy(self.model.model, directory)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.order = state["order"].tolist()
-        set_python_rng_state(state["rng"], self.rng)
+        self.shuffle.load_state(state["shuffle"])
         self.steps_done, self.progress = state["step"], state["progress"]
 
-    def save(self, directory: Path, info: dict[str, Any] | None = None) -> None:
-        self.model.save(directory, self.tokenizer, self.cfg, info or {"normalized_on": None})
+    def save(self, directory: Path) -> None:
+        """A checkpoint: the model (or its LoRA adapters and head), tokenizer and config."""
+        save_policy(directory, self.model.model, self.tokenizer, self.cfg)
 
     def publish(self, directory: Path, tracker: Tracker) -> None:
         """Normalise rewards on policy samples (gain and bias in the model's config), then save
@@ -337,8 +330,14 @@ class RewardStage:
                 self.model.bias,
             )
         info = {"normalized": bool(cfg.reward.normalize), "normalized_on": source, "seed": cfg.seed}
+        self.model.model = merged(self.model.model)  # LoRA adapters into the weights
+        self.model.inner = self.model.model
         publish_model(
-            lambda d: self.save(d, info), directory, cfg, tracker, task="text-classification"
+            lambda d: self.model.save(d, self.tokenizer, cfg, info),
+            directory,
+            cfg,
+            tracker,
+            task="text-classification",
         )
 
     def datasets(self) -> list[dict[str, Any]]:

@@ -1,0 +1,319 @@
+"""The critic-free online RL stages: GRPO (objective=grpo) and RLOO (objective=rloo).
+
+Both sample ``num_generations`` responses per prompt (``rollout_batch_size`` responses per
+iteration, whole groups), score them with the shared reward (phf/stages/online.py: a scorer,
+weighted scorers, or a reward model), and take ``num_iterations`` passes of clipped token-level
+ratio updates over minibatches, without a value model. They differ in the advantage and where
+the KL to the frozen reference goes (phf/grpo.py):
+
+- GRPO: advantage (r - group mean) / (group std + eps) (``grpo.scale_rewards=false``: r - group
+  mean), the k3 KL estimator in the loss, weighted by ``grpo.beta`` (0: no reference is kept),
+  the loss aggregated per ``grpo.loss_type``;
+- RLOO: the sequence's KL, ``rloo.kl_coef`` x sum over its tokens of (log pi - log pi_ref), taken
+  off its reward, and the advantage r - mean of the other k - 1 rewards of its group.
+
+The rollout's KL from the reference is logged as PPO logs it, ``objective/kl``: the mean over
+episodes of the sum over their tokens of log pi - log pi_ref (GRPO's k3 loss term as
+``train/kl_k3``), so that online methods compare on one measure (and the evaluation's ``kl``, on
+samples, across every method).
+
+With one iteration the ratio is exactly 1 (the old log-probabilities are the current ones,
+detached): no extra forward pass. Metrics carry TRL's names: ``reward``, ``reward_std``,
+``completions/mean_length``, ``completions/clipped_ratio``, ``clip_ratio``, ``entropy``.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from phf.distributed import DistributedContext
+from phf.grpo import (
+    aggregate,
+    clipped_objective,
+    group_advantages,
+    group_std,
+    k3_kl,
+    leave_one_out_advantages,
+    piece_share,
+)
+from phf.hardware import Placement
+from phf.ppo import entropy_from_logits, masked_mean, masked_whiten
+from phf.stages.loop import NonFiniteLossError
+from phf.stages.online import OnlineStage, Responses, forward_response, generate_responses
+from phf.stages.pretrain import adamw, schedule
+
+log = logging.getLogger(__name__)
+
+
+class GroupStage(OnlineStage, abc.ABC):
+    """What GRPO and RLOO share; subclasses give ``advantages``, the clip range and the loss's
+    KL term."""
+
+    def __init__(self, cfg: DictConfig, placement: Placement) -> None:
+        settings, train = cfg[self.section], cfg.train
+        keep_reference = self.needs_reference(settings)
+        policy, tokenizer, reference = self.load_policy(cfg, settings, placement, keep_reference)
+        super().__init__(cfg, placement, policy, tokenizer, reference)
+        self.keeps_reference = keep_reference
+        self.check_lengths()
+        self.group = int(settings.num_generations)
+        self.max_steps = train.max_steps or math.ceil(
+            settings.total_episodes / settings.rollout_batch_size
+        )
+        mini = settings.mini_batch_size or settings.rollout_batch_size
+        if settings.rollout_batch_size % mini:
+            raise ValueError(
+                f"{self.section}.rollout_batch_size={settings.rollout_batch_size} must be a "
+                f"multiple of {self.section}.mini_batch_size={mini}"
+            )
+        self.mini_batch_size = mini
+        updates = self.max_steps * settings.num_iterations * (settings.rollout_batch_size // mini)
+        self.optimizer = adamw([self.policy], train, placement)
+        self.scheduler = schedule(self.optimizer, train, updates)
+        log.info(
+            "%s: policy %.2fM parameters on %s (%s); reward: %s; %d iterations x %d prompts x "
+            "%d responses, %d update(s) of %d episodes each",
+            self.section.upper(),
+            sum(p.numel() for p in policy.parameters()) / 1e6,
+            placement.device,
+            placement.precision,
+            self.reward.description,
+            self.max_steps,
+            settings.rollout_batch_size // self.group,
+            self.group,
+            settings.num_iterations * (settings.rollout_batch_size // mini),
+            mini,
+        )
+
+    @classmethod
+    def build(
+        cls, cfg: DictConfig, placement: Placement, distributed: DistributedContext
+    ) -> GroupStage:
+        if distributed.enabled:
+            raise ValueError(
+                f"objective={cls.section} trains in one process; launch it without torchrun"
+            )
+        return cls(cfg, placement)
+
+    # ------------------------------------------------------------------ subclasses
+
+    @staticmethod
+    @abc.abstractmethod
+    def needs_reference(settings: DictConfig) -> bool:
+        """Whether the stage keeps a reference (its log-probabilities are computed)."""
+
+    @abc.abstractmethod
+    def advantages(
+        self,
+        scores: torch.Tensor,
+        logprobs: torch.Tensor,
+        ref: torch.Tensor | None,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Each episode's advantage [episodes] and metrics, from the rollout's scores and the
+        sampling policy's and the reference's log-probabilities (None where not computed)."""
+
+    def kl_penalty(self, logprobs: torch.Tensor, ref: torch.Tensor) -> torch.Tensor | None:
+        """The per-token KL term of the loss (GRPO), or None (RLOO: it is in the reward)."""
+        return None
+
+    def loss_type(self) -> str:
+        return "dapo"  # token mean
+
+    @abc.abstractmethod
+    def clip_range(self) -> tuple[float, float]:
+        """(epsilon below 1, epsilon above 1) of the clipped ratio."""
+
+    # ------------------------------------------------------------------ the step
+
+    def rollout(self) -> tuple[list[str], Responses, torch.Tensor]:
+        """``rollout_batch_size // group`` prompts, each ``group`` times in a row."""
+        settings = self.settings
+        prompts = self.draw_prompts(settings.rollout_batch_size // self.group)
+        repeated = [p for p in prompts for _ in range(self.group)]
+        generated = generate_responses(
+            self.policy, self.tokenizer, repeated, self.stop_id, settings, self.placement
+        )
+        with torch.no_grad():
+            scores = self.scores(repeated, generated)
+        return repeated, generated, scores
+
+    def step(self) -> dict[str, Any]:
+        settings, placement = self.settings, self.placement
+        start = time.perf_counter()
+        self.ensure_normalized_reward()
+        prompts, generated, scores = self.rollout()
+        mask = generated.mask
+        batch = (generated.query_ids, generated.query_mask, generated.response_ids, mask)
+        constraint = (settings.temperature, placement, self.stop_id, settings.min_response_length)
+        self.policy.eval()
+        with torch.no_grad():
+            # The sampling policy's log-probabilities: needed for ratios from the second update
+            # on, and by RLOO's KL; with one GRPO update they are never used.
+            old = None
+            if settings.num_iterations > 1 or not self.keeps_reference_in_loss():
+                old = forward_response(self.policy, None, *batch, *constraint)[0]
+            ref = self.reference_logprobs(*batch, *constraint) if self.keeps_reference else None
+        self.policy.train()
+        advantages, extra = self.advantages(scores, old, ref, mask)
+
+        sums: dict[str, float] = {}
+        sequence_kl = 0.0
+        updates = 0
+        micro = self.cfg.hardware.micro_batch_size
+        epsilon_low, epsilon_high = self.clip_range()
+        for iteration in range(settings.num_iterations):
+            order = torch.randperm(settings.rollout_batch_size)
+            for minibatch in order.split(self.mini_batch_size):
+                for piece in minibatch.split(micro):
+                    logprobs, _, logits = forward_response(
+                        self.policy,
+                        None,
+                        *(part[piece] for part in batch),
+                        *constraint,
+                    )
+                    piece_old = logprobs.detach() if old is None else old[piece]
+                    per_token, clipped = clipped_objective(
+                        logprobs, piece_old, advantages[piece], epsilon_low, epsilon_high
+                    )
+                    piece_mask = mask[piece]
+                    kl = self.kl_penalty(logprobs, ref[piece]) if ref is not None else None
+                    if kl is not None:
+                        per_token = per_token + kl
+                    if ref is not None and iteration == 0:  # the sampling policy's KL
+                        drift = (logprobs.detach() - ref[piece]) * piece_mask
+                        sequence_kl += float(drift.sum())
+                    loss = aggregate(
+                        per_token, piece_mask, self.loss_type(), settings.response_length
+                    )
+                    share = piece_share(self.loss_type(), piece_mask, mask[minibatch])
+                    if not torch.isfinite(loss):
+                        self.optimizer.zero_grad(set_to_none=True)
+                        raise NonFiniteLossError(
+                            f"the {self.section.upper()} loss is {float(loss.detach())} at "
+                            f"iteration {self.steps_done + 1}; lower train.lr"
+                        )
+                    (loss * share).backward()
+                    weight = len(piece) / settings.rollout_batch_size / settings.num_iterations
+                    with torch.no_grad():
+                        entropy = entropy_from_logits(logits.detach())
+                        piece_metrics = {
+                            "loss": float(loss.detach()),
+                            "clip_ratio": float(masked_mean(clipped.float(), piece_mask)),
+                            "entropy": float(masked_mean(entropy, piece_mask)),
+                        }
+                        if kl is not None:
+                            piece_metrics["train/kl_k3"] = float(masked_mean(kl, piece_mask))
+                    for name, value in piece_metrics.items():
+                        sums[name] = sums.get(name, 0.0) + value * weight
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.policy.parameters() if p.requires_grad],
+                    self.cfg.train.max_grad_norm,
+                    foreach=True,
+                )
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                updates += 1
+
+        self.steps_done += 1
+        self.progress += settings.rollout_batch_size
+        self.remember_rollout(prompts, generated, scores)
+        seconds = time.perf_counter() - start
+        lengths = mask.sum(dim=1)
+        if ref is not None:
+            extra["objective/kl"] = sequence_kl / settings.rollout_batch_size
+        return (
+            sums
+            | extra
+            | {
+                "reward": float(scores.mean()),
+                "reward_std": float(group_std(scores, self.group)),
+                "completions/mean_length": float(lengths.mean()),
+                "completions/clipped_ratio": float((~generated.found_stop).float().mean()),
+                "train/lr": self.scheduler.get_last_lr()[0],
+                "time/generation_share": generated.seconds / seconds,
+            }
+        )
+
+    def keeps_reference_in_loss(self) -> bool:
+        return True
+
+    def training_state(self) -> dict[str, Any]:
+        return self.common_state() | {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def restore(self, directory: Path, state: dict[str, Any]) -> None:
+        self.restore_common(directory, state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+class GRPOStage(GroupStage):
+    """GRPO: group-normalised advantages, the k3 KL in the loss (module docstring)."""
+
+    section = "grpo"
+
+    @staticmethod
+    def needs_reference(settings: DictConfig) -> bool:
+        return float(settings.beta) > 0
+
+    def advantages(
+        self,
+        scores: torch.Tensor,
+        logprobs: torch.Tensor | None,
+        ref: torch.Tensor | None,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return group_advantages(scores, self.group, bool(self.settings.scale_rewards)), {}
+
+    def kl_penalty(self, logprobs: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """beta x k3 (the metric train/kl_k3 is this term, beta included)."""
+        return float(self.settings.beta) * k3_kl(logprobs, ref)
+
+    def loss_type(self) -> str:
+        return str(getattr(self.settings.loss_type, "value", self.settings.loss_type))
+
+    def clip_range(self) -> tuple[float, float]:
+        settings = self.settings
+        return float(settings.epsilon), float(settings.epsilon_high or settings.epsilon)
+
+
+class RLOOStage(GroupStage):
+    """RLOO: the sequence KL in the reward, leave-one-out advantages (module docstring)."""
+
+    section = "rloo"
+
+    @staticmethod
+    def needs_reference(settings: DictConfig) -> bool:
+        return True
+
+    def keeps_reference_in_loss(self) -> bool:
+        return False  # the KL needs the sampling policy's log-probabilities, always
+
+    def advantages(
+        self, scores: torch.Tensor, logprobs: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        settings = self.settings
+        sequence_kl = ((logprobs - ref) * mask).sum(dim=1)
+        rewards = scores - float(settings.kl_coef) * sequence_kl
+        advantages = leave_one_out_advantages(rewards, self.group)
+        if settings.normalize_advantages:
+            advantages = masked_whiten(advantages[:, None], torch.ones_like(advantages[:, None]))[
+                :, 0
+            ]
+        return advantages, {"objective/rlhf_reward": float(rewards.mean())}
+
+    def clip_range(self) -> tuple[float, float]:
+        cliprange = float(self.settings.cliprange)
+        return cliprange, cliprange
