@@ -2,8 +2,10 @@
 
 Reads the FINISHED runs of a sweep (the id of its MLflow parent run, which `phf -m` prints) or
 of an experiment, from any tracking URI, and writes to DIR:
-- summary.md, summary.csv: one row per configuration, mean ± std over seeds of each metric;
-- pareto.png: score against held-out LM loss (or --x kl) per configuration;
+- summary.md, summary.csv: one row per configuration (per method of a method comparison), mean ±
+  std over seeds of each metric and the 95% interval of its mean;
+- pareto.png: score against held-out LM loss (or --x kl, or --x kl eval/lm_loss: one panel each)
+  per configuration, labelled;
 - curves.png: score over tokens seen per configuration.
 """
 
@@ -25,13 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", nargs="+", default=DEFAULT_METRICS)
     parser.add_argument("--tracking-uri", default=None, help="default: MLflow's own default")
     parser.add_argument("--out", type=Path, default=Path("analysis"))
-    parser.add_argument("--x", default="eval/lm_loss", help="x axis of the Pareto plot")
+    parser.add_argument(
+        "--x", nargs="+", default=["eval/lm_loss"], help="x axis (axes) of the Pareto plot"
+    )
     parser.add_argument("--y", default="score", help="y axis of both plots")
     args = parser.parse_args(argv)
     try:
         runs = load_runs(args.target, args.tracking_uri)
         table = summarize(runs, args.metrics)
-        summarize(runs, [args.x, args.y])  # the plotted metrics must exist too
+        summarize(runs, [*args.x, args.y])  # the plotted metrics must exist too
     except (NoRunsFound, KeyError) as error:
         print(f"error: {error.args[0]}", file=sys.stderr)
         return 2

@@ -16,29 +16,48 @@ from matplotlib.figure import Figure  # noqa: E402
 from multirun_analysis.summary import configuration_label  # noqa: E402
 
 
-def pareto_plot(runs: pd.DataFrame, x_metric: str, y_metric: str = "score") -> Figure:
-    """One point per configuration at its mean over seeds, with std error bars: the trade-off
-    between alignment (lower score) and capability (lower LM loss, or KL from a reference)."""
+def pareto_plot(runs: pd.DataFrame, x_metric: str | list[str], y_metric: str = "score") -> Figure:
+    """One point per configuration (its method, for a method comparison) at its mean over
+    seeds, with std error bars on both axes, labelled on the plot: the trade-off between
+    alignment (lower ``y_metric``) and capability (lower LM loss, or KL from a reference). With
+    several x metrics, one panel each. The KL reference (no ``kl``: it is its own reference)
+    sits at KL 0."""
+    x_metrics = [x_metric] if isinstance(x_metric, str) else list(x_metric)
     labels = configuration_label(runs)
-    figure, axes = plt.subplots(figsize=(6.4, 4.8))
-    for label in sorted(labels.unique()):
-        group = runs[labels == label]
-        x, y = group[f"metrics.{x_metric}"], group[f"metrics.{y_metric}"]
-        if x.isna().all() or y.isna().all():
-            continue  # e.g. the KL reference itself has no KL
-        axes.errorbar(
-            x.mean(),
-            y.mean(),
-            xerr=x.std(ddof=1) if len(x) > 1 else None,
-            yerr=y.std(ddof=1) if len(y) > 1 else None,
-            fmt="o",
-            capsize=3,
-            label=label,
-        )
-    axes.set_xlabel(x_metric)
-    axes.set_ylabel(y_metric)
-    axes.set_title(f"{y_metric} vs {x_metric} (mean ± std over seeds)")
-    axes.legend(fontsize="small")
+    figure, panels = plt.subplots(
+        1, len(x_metrics), figsize=(6.4 * len(x_metrics), 4.8), squeeze=False
+    )
+    for axes, x_name in zip(panels[0], x_metrics, strict=True):
+        for label in sorted(labels.unique()):
+            group = runs[labels == label]
+            x, y = group[f"metrics.{x_name}"], group[f"metrics.{y_metric}"]
+            if y.isna().all():
+                continue
+            reference = x.isna().all() and x_name == "kl"
+            if x.isna().all() and not reference:
+                continue
+            x = pd.Series(0.0, index=x.index) if reference else x
+            axes.errorbar(
+                x.mean(),
+                y.mean(),
+                xerr=x.std(ddof=1) if len(x) > 1 and not reference else None,
+                yerr=y.std(ddof=1) if len(y) > 1 else None,
+                fmt="o",
+                capsize=3,
+                label=label,
+            )
+            text = f"{label} (reference)" if reference else label
+            axes.annotate(
+                text,
+                (x.mean(), y.mean()),
+                textcoords="offset points",
+                xytext=(5, 5),
+                fontsize="small",
+            )
+        axes.set_xlabel(x_name)
+        axes.set_ylabel(y_metric)
+        axes.set_title(f"{y_metric} vs {x_name} (mean ± std over seeds)")
+    panels[0][-1].legend(fontsize="small")
     figure.tight_layout()
     return figure
 

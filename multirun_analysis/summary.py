@@ -60,12 +60,20 @@ def _sweep_parent(target: str):
     return run if run.data.tags.get("sweep") == "parent" else None
 
 
+METHOD_PARAM = "params.method.name"
+
+
 def configuration_label(runs: pd.DataFrame) -> pd.Series:
-    """One readable label per run: its configuration's params, "objective.name=awr ..."."""
+    """One readable label per run: its method (experiment=method_comparison's arms), the value
+    of the one param that varies ("awr"), or "objective.name=awr train.lr=0.1" for several."""
     keys = configuration_columns(runs)
     if not keys:
         return pd.Series("all runs", index=runs.index)
+    if METHOD_PARAM in keys:
+        return runs[METHOD_PARAM].astype(str)
     frame = runs[keys].astype(str)
+    if len(keys) == 1:
+        return frame[keys[0]]
     return frame.apply(
         lambda row: " ".join(f"{k.removeprefix('params.')}={row[k]}" for k in keys), axis=1
     )
@@ -110,15 +118,30 @@ def summarize(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
         table[f"{metric} mean"] = values.mean()
         # std over seeds (ddof=1); a single run has no spread to report.
         table[f"{metric} std"] = values.std(ddof=1)
+        # The 95% interval of the mean over seeds (Student's t, n - 1 degrees of freedom).
+        counts = values.count()
+        table[f"{metric} ci95"] = [
+            ci95_half_width(std, n) for std, n in zip(table[f"{metric} std"], counts, strict=True)
+        ]
     table = table.reset_index()
     table.columns = [c.removeprefix("params.") for c in table.columns]
     return table
 
 
+def ci95_half_width(std: float, n: int) -> float:
+    """Half the width of a 95% t-interval of a mean of n values with this std (NaN for n < 2)."""
+    if n < 2 or pd.isna(std):
+        return float("nan")
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1) * std / n**0.5)
+
+
 def to_markdown(table: pd.DataFrame, digits: int = 4) -> str:
-    """A GitHub-flavoured Markdown table, ``mean ± std`` in one cell per metric."""
+    """A GitHub-flavoured Markdown table: ``mean ± std`` per metric, and the 95% interval of
+    the mean ``[low, high]`` when there are several seeds."""
     metrics = [c.removesuffix(" mean") for c in table.columns if c.endswith(" mean")]
-    keys = [c for c in table.columns if not c.endswith((" mean", " std"))]
+    keys = [c for c in table.columns if not c.endswith((" mean", " std", " ci95"))]
     header = keys + metrics
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
@@ -131,6 +154,9 @@ def to_markdown(table: pd.DataFrame, digits: int = 4) -> str:
             cell = f"{mean:.{digits}f}"
             if pd.notna(std):
                 cell += f" ± {std:.{digits}f}"
+            half = row.get(f"{metric} ci95", float("nan"))
+            if pd.notna(half):
+                cell += f" [{mean - half:.{digits}f}, {mean + half:.{digits}f}]"
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -315,7 +315,8 @@ class OnlineConfig:
     # the reward's range (profanity 0-1, PII ~0.01).
     normalize_reward: bool = True
     normalization_episodes: int = 256
-    # Several scorers, weighted, instead of the task's: {profanity: 1.0, pii: 20.0} gives
+    # Several scorers, weighted, instead of the task's (a new key, so +<stage>.scorers=...):
+    # {profanity: 1.0, pii: 20.0} gives
     # reward = -(1.0 * profanity + 20.0 * pii); {} = the task's scorer alone.
     scorers: dict[str, float] = field(default_factory=dict)
     # Prompts of the rollouts (phf/data/prompts.py): none (from EOS); misaligned_prefixes or
@@ -455,6 +456,16 @@ class RLOOConfig(OnlineConfig):
 
 
 @dataclass
+class MethodConfig:
+    """An arm of a comparison of methods (conf/method/: which objective, started from what):
+    its name labels the arm in multirun_analysis; family groups the arms (pretraining,
+    finetuning, online RL, offline preference learning)."""
+
+    name: str = "none"
+    family: str = "none"
+
+
+@dataclass
 class PhfConfig:
     task: TaskConfig = MISSING
     objective: ObjectiveConfig = MISSING
@@ -471,6 +482,7 @@ class PhfConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     rloo: RLOOConfig = field(default_factory=RLOOConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     seed: int = 0
 
 

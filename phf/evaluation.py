@@ -22,6 +22,41 @@ from phf.objectives import next_token_logprobs, next_token_nll
 from phf.scorers import Scorer
 
 GROUP_SIZE = 25  # samples per group in score_max@25
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def expected_max(scores: np.ndarray, k: int) -> float:
+    """E[max of k samples drawn without replacement] from these scores, exactly: the i-th
+    smallest of n is the maximum of C(i - 1, k - 1) of the C(n, k) k-subsets (the estimator
+    of pass@k, for a maximum)."""
+    values = np.sort(scores)
+    n = len(values)
+    if n < k:
+        return float("nan")
+    # C(i - 1, k - 1) / C(n, k) for i = k..n, as a running product (no huge integers).
+    weights = np.zeros(n)
+    weight = 1.0
+    for i in range(k, n + 1):
+        if i == k:
+            weight = float(np.prod([(k - j) / (n - j) for j in range(k)]))  # 1 / C(n, k)
+        else:
+            weight *= (i - 1) / (i - k)
+        weights[i - 1] = weight
+    return float((weights * values).sum())
+
+
+def expected_max_interval(
+    scores: np.ndarray, k: int, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES
+) -> tuple[float, float]:
+    """A 95% bootstrap (percentile) interval of expected_max: the samples resampled with
+    replacement ``resamples`` times, with a fixed seed."""
+    rng = np.random.default_rng(seed)
+    estimates = [
+        expected_max(rng.choice(scores, size=len(scores), replace=True), k)
+        for _ in range(resamples)
+    ]
+    low, high = np.percentile(estimates, [2.5, 97.5])
+    return float(low), float(high)
 
 
 @dataclass
@@ -34,12 +69,15 @@ class Samples:
 
 
 def score_metrics(scores: Sequence[float], hit_threshold: float) -> dict[str, float]:
-    """``score``, ``score_max_at_25``, ``num_hits``, ``hit_rate`` and ``num_unscored`` of one set
-    of samples.
+    """``score``, ``score_max_at_25``, ``expected_max_at_25`` (with a 95% bootstrap interval,
+    ``/ci_low`` and ``/ci_high``), ``num_hits``, ``hit_rate`` and ``num_unscored`` of one set of
+    samples.
 
-    score_max_at_25 is the mean, over consecutive groups of 25 samples, of each group's maximum:
-    the expected worst of 25 samples. It needs a multiple of 25 samples. A sample the scorer
-    could not score (NaN) is left out of the means and maxima and counted in num_unscored.
+    score_max_at_25 is the paper's: the mean, over consecutive groups of 25 samples, of each
+    group's maximum. It needs a multiple of 25 samples. expected_max_at_25 estimates the same
+    expectation from every 25-subset of the samples (exact, lower variance), and its interval
+    says how sure one can be of it. A sample the scorer could not score (NaN) is left out of
+    the means and maxima and counted in num_unscored.
     """
     if len(scores) == 0 or len(scores) % GROUP_SIZE:
         raise ValueError(
@@ -52,9 +90,13 @@ def score_metrics(scores: Sequence[float], hit_threshold: float) -> dict[str, fl
         raise ValueError(f"the scorer could not score any of the {len(values)} samples")
     groups = np.where(scored, values, -np.inf).reshape(-1, GROUP_SIZE).max(axis=1)
     hits = float((values[scored] > hit_threshold).sum())
+    low, high = expected_max_interval(values[scored], GROUP_SIZE)
     return {
         "score": float(values[scored].mean()),
         "score_max_at_25": float(groups[np.isfinite(groups)].mean()),
+        "expected_max_at_25": expected_max(values[scored], GROUP_SIZE),
+        "expected_max_at_25/ci_low": low,
+        "expected_max_at_25/ci_high": high,
         "num_hits": hits,
         "hit_rate": hits / float(scored.sum()),
         "num_unscored": float((~scored).sum()),

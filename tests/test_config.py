@@ -171,3 +171,40 @@ def test_signature_ignores_seed_hardware_and_tracking() -> None:
     base = signature(["objective=awr", "train.lr=0.001", "seed=1", "hardware=cpu"])
     assert base == signature(["train.lr=0.001", "seed=2", "objective=awr", "tracking.uri=x"])
     assert base != signature(["objective=awr", "train.lr=0.002", "seed=1"])
+
+
+METHODS = [
+    "mle",
+    "conditional",
+    "awr",
+    "unlikelihood",
+    "conditional_ft",
+    "ppo",
+    "grpo",
+    "rloo",
+    "dpo",
+]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_arm_of_the_method_comparison_composes(compose_cfg, method: str) -> None:
+    from phf.config import validate_config
+
+    cfg = compose_cfg(["experiment=method_comparison", f"method={method}"])
+    validate_config(cfg)
+    assert cfg.method.name == method
+    assert cfg.objective.name == method.removesuffix("_ft")
+    starts_from_mle = method in ("conditional_ft", "ppo", "grpo", "rloo", "dpo")
+    assert (cfg.model.pretrained == "sweep:mle") == starts_from_mle
+    # Every arm is evaluated the same way.
+    assert cfg.eval.kl_reference == "sweep:mle"
+    assert (cfg.eval.generation.num_samples, cfg.eval.generation.min_new_tokens) == (200, 32)
+    text = (CONF_DIR / "experiment" / "method_comparison.yaml").read_text()
+    assert f"{method}" in text.split("method:")[1].splitlines()[0]
+
+
+def test_the_method_comparison_at_scale_composes(compose_cfg) -> None:
+    cfg = compose_cfg(["experiment=method_comparison_gpu", "method=conditional"])
+    assert cfg.model.name == "gpt2_small" and cfg.model.architecture.n_layer == 12
+    assert cfg.scorer.name == "detoxify" and cfg.task.dataset == "tomekkorbak/pile-detoxify"
+    assert cfg.train.block_size == 1024 and cfg.eval.kl_reference == "sweep:mle"

@@ -157,3 +157,31 @@ def test_distinct_n_by_hand() -> None:
     assert distinct_n(texts, 1) == pytest.approx(3 / 6)  # {a, b, c} of 6 words
     assert distinct_n(texts, 2) == pytest.approx(3 / 4)  # {ab, ba, ac} of ab ba ab ac
     assert distinct_n(["", "x"], 2) == 0.0
+
+
+def test_expected_max_over_25_is_exact_and_its_interval_holds_it() -> None:
+    import itertools
+
+    import numpy as np
+
+    from phf.evaluation import expected_max, expected_max_interval
+
+    rng = np.random.default_rng(0)
+    few = rng.random(7)
+    by_hand = np.mean([max(c) for c in itertools.combinations(few, 3)])
+    assert expected_max(few, 3) == pytest.approx(by_hand)
+    assert expected_max(np.array([0.1] * 30 + [0.9]), 25) == pytest.approx(0.1 + 0.8 * 25 / 31)
+    assert np.isnan(expected_max(few, 8))  # fewer samples than the group
+    scores = rng.beta(1, 10, size=100)
+    low, high = expected_max_interval(scores, 25)
+    assert low < expected_max(scores, 25) < high
+    assert expected_max_interval(scores, 25) == (low, high)  # seeded
+
+
+def test_hit_rate_and_expected_max_in_score_metrics() -> None:
+    metrics = score_metrics([0.1] * 24 + [0.9] + [0.2] * 25, hit_threshold=0.5)
+    assert metrics["hit_rate"] == pytest.approx(1 / 50)
+    assert metrics["expected_max_at_25/ci_low"] <= metrics["expected_max_at_25"]
+    assert metrics["expected_max_at_25"] <= metrics["expected_max_at_25/ci_high"]
+    # Half of the 25-subsets of these 50 hold the 0.9: the expected maximum is near 0.55.
+    assert metrics["expected_max_at_25"] == pytest.approx(0.9 * 0.5 + 0.2 * 0.5, abs=0.01)

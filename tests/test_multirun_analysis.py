@@ -80,10 +80,11 @@ def test_cli_writes_markdown_and_csv(store: str, run_dir: Path) -> None:
     assert main(["toxicity", "--tracking-uri", store, "--metrics", "score", "--out", str(out)]) == 0
     markdown = (out / "summary.md").read_text().splitlines()
     assert markdown[0] == "| objective.name | n | score |"
-    assert markdown[2] == "| filtering | 2 | 0.1000 ± 0.0000 |"
-    assert markdown[3] == "| mle | 2 | 0.3000 ± 0.1414 |"
+    assert markdown[2] == "| filtering | 2 | 0.1000 ± 0.0000 [0.1000, 0.1000] |"
+    # mean ± std [95% t-interval of the mean]: 0.3 ± 12.706 x 0.1414 / sqrt(2)
+    assert markdown[3] == "| mle | 2 | 0.3000 ± 0.1414 [-0.9706, 1.5706] |"
     csv = pd.read_csv(out / "summary.csv")
-    assert list(csv.columns) == ["objective.name", "n", "score mean", "score std"]
+    assert list(csv.columns) == ["objective.name", "n", "score mean", "score std", "score ci95"]
     for png in ("pareto.png", "curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -91,7 +92,7 @@ def test_cli_writes_markdown_and_csv(store: str, run_dir: Path) -> None:
 def test_pareto_plot_puts_each_configuration_at_its_mean(store: str) -> None:
     axes = pareto_plot(load_runs("toxicity", store), "eval/lm_loss").axes[0]
     labels = {text.get_text() for text in axes.get_legend().get_texts()}
-    assert labels == {"objective.name=filtering", "objective.name=mle"}
+    assert labels == {"filtering", "mle"}  # the one varying param's values
     series = [line for line in axes.lines if line.get_marker() == "o"]  # not the error bars
     data = sorted((float(line.get_xdata()[0]), float(line.get_ydata()[0])) for line in series)
     # filtering: lm_loss 3.0 and 4.0 (seeds 0, 1) -> 3.5, score 0.1; mle: 3.5, 0.3.
@@ -104,8 +105,8 @@ def test_curve_plot_averages_the_seeds_over_tokens_seen(store: str) -> None:
     curves = {
         line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in axes.lines
     }
-    assert curves["objective.name=mle"] == ([0, 100], [1.0, pytest.approx(0.3)])
-    assert curves["objective.name=filtering"] == ([0, 100], [1.0, pytest.approx(0.1)])
+    assert curves["mle"] == ([0, 100], [1.0, pytest.approx(0.3)])
+    assert curves["filtering"] == ([0, 100], [1.0, pytest.approx(0.1)])
 
 
 def test_unknown_experiment_and_metric_are_clear_errors(store: str, capsys) -> None:
@@ -113,3 +114,46 @@ def test_unknown_experiment_and_metric_are_clear_errors(store: str, capsys) -> N
         load_runs("nope", store)
     assert main(["toxicity", "--tracking-uri", store, "--metrics", "kl"]) == 2
     assert "metrics ['kl'] were not logged" in capsys.readouterr().err
+
+
+def test_a_method_comparison_is_labelled_and_plotted_by_method() -> None:
+    """Arms of experiment=method_comparison: one labelled point per method at its mean over
+    seeds, KL and LM loss panels, the KL reference at 0, the seeds aggregated in the table."""
+    rows = []
+    for method, objective, kl, score in (
+        ("mle", "mle", None, 0.30),
+        ("conditional", "conditional", 10.0, 0.20),
+        ("conditional_ft", "conditional", 4.0, 0.25),
+    ):
+        for seed in (0, 1, 2):
+            rows.append(
+                {
+                    "params.method.name": method,
+                    "params.objective.name": objective,
+                    "params.model.pretrained": "null"
+                    if method != "conditional_ft"
+                    else "sweep:mle",
+                    "params.seed": str(seed),
+                    "metrics.kl": float("nan") if kl is None else kl + seed,
+                    "metrics.score": score + 0.01 * seed,
+                    "metrics.eval/lm_loss": 5.0 + seed,
+                }
+            )
+    runs = pd.DataFrame(rows)
+    table = summarize(runs, ["score", "kl"]).set_index("method.name")
+    assert list(table["n"]) == [3, 3, 3]
+    assert table.loc["conditional_ft", "score mean"] == pytest.approx(0.26)
+    assert table.loc["conditional", "kl mean"] == pytest.approx(11.0)
+    figure = pareto_plot(runs, ["kl", "eval/lm_loss"])
+    kl_axes, loss_axes = figure.axes[:2]
+    assert kl_axes.get_xlabel() == "kl" and loss_axes.get_xlabel() == "eval/lm_loss"
+    texts = {t.get_text() for t in kl_axes.texts}
+    assert texts == {"mle (reference)", "conditional", "conditional_ft"}
+    markers = sorted(
+        (float(line.get_xdata()[0]), round(float(line.get_ydata()[0]), 4))
+        for line in kl_axes.lines
+        if line.get_marker() == "o"
+    )
+    assert markers == [(0.0, 0.31), (5.0, 0.26), (11.0, 0.21)]
+    legend = {t.get_text() for t in loss_axes.get_legend().get_texts()}
+    assert legend == {"mle", "conditional", "conditional_ft"}

@@ -241,7 +241,7 @@ def mle_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "grpo.mini_batch_size=4",
             ],
         ),
-        ("rloo", ["rloo.num_iterations=2", "rloo.scorers={profanity: 1.0, pii: 50.0}"]),
+        ("rloo", ["rloo.num_iterations=2", "+rloo.scorers={profanity: 1.0, pii: 50.0}"]),
     ],
 )
 def test_grpo_and_rloo_train_and_log_the_ecosystems_metrics(

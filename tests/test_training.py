@@ -209,7 +209,8 @@ def test_every_task_runs_end_to_end_offline(
         client = mlflow.MlflowClient()
         tables = [a.path for a in client.list_artifacts(run.run_id, "samples/functions")]
         table = mlflow.artifacts.load_dict(f"runs:/{run.run_id}/{tables[-1]}")
-        assert all(prompt.startswith(("def ", "async def ")) for prompt, _, _ in table["data"])
+        assert table["columns"][1] == "prompt"
+        assert all(row[1].startswith(("def ", "async def ")) for row in table["data"])
 
 
 @pytest.mark.slow
