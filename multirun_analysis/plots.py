@@ -64,12 +64,12 @@ def pareto_plot(runs: pd.DataFrame, x_metric: str | list[str], y_metric: str = "
 
 # What each stage logs as its progress, the x axis of its curves (MLflow's step is the stage's
 # optimizer step or iteration).
-PROGRESS_METRICS = ("tokens_seen", "episodes", "comparisons_seen")
+PROGRESS_METRICS = ("tokens_seen", "episodes", "comparisons_seen", "pairs_seen")
 
 
 def metric_history(run_id: str, metric: str) -> pd.Series:
-    """A run's metric against its progress (tokens seen, episodes, comparisons seen: the one it
-    logged), or against MLflow's step when it logged none."""
+    """A run's metric against its progress (tokens seen, episodes, comparisons or pairs seen:
+    the one it logged), or against MLflow's step when it logged none."""
     client = mlflow.MlflowClient()
     values = {m.step: m.value for m in client.get_metric_history(run_id, metric)}
     for progress in PROGRESS_METRICS:
@@ -93,7 +93,7 @@ def curve_plot(runs: pd.DataFrame, metric: str = "score") -> Figure:
             continue
         mean = pd.concat(curves, axis=1).mean(axis=1)
         axes.plot(mean.index.to_numpy(), mean.to_numpy(dtype=np.float64), marker=".", label=label)
-    axes.set_xlabel("tokens seen (episodes for online RL)")
+    axes.set_xlabel("tokens seen (episodes for online RL, pairs for DPO)")
     axes.set_ylabel(metric)
     axes.set_title(f"{metric} over training (mean over seeds)")
     axes.legend(fontsize="small")

@@ -443,8 +443,8 @@ class GRPOConfig(OnlineConfig):
 
 @dataclass
 class RLOOConfig(OnlineConfig):
-    """objective=rloo: REINFORCE with a leave-one-out baseline (phf/stages/rloo.py): k
-    responses per prompt, each one's baseline the mean reward of the other k - 1, the
+    """objective=rloo: REINFORCE with a leave-one-out baseline (phf/stages/grpo.py, beside
+    GRPO): k responses per prompt, each one's baseline the mean reward of the other k - 1, the
     sequence's KL to the reference subtracted from its reward."""
 
     num_generations: int = 4  # k

@@ -1,8 +1,9 @@
 """Print phf's speed on this machine: the training loader's tokens/s from a token store (beside
 tokenizing on the fly), preparing a store with one worker and with one per core, training
 tokens/s per objective with and without torch.compile and its MFU, generation tokens/s, each
-scorer's texts/s, the scoring pipeline's documents/s, PPO episodes/s with the share of time
-spent generating, and the per-job launch overhead of local and SLURM sweeps.
+scorer's texts/s, the scoring pipeline's documents/s, SFT tokens/s and DPO pairs/s, PPO, GRPO
+and RLOO episodes/s with the share of time spent generating, and the per-job launch overhead
+of local and SLURM sweeps.
 
 Measures the default run's own code paths (the config is composed exactly as `python -m phf.run`
 composes it, overrides included):
@@ -12,7 +13,7 @@ composes it, overrides included):
     python scripts/benchmark.py --only mfu -- hardware=gpu model=gpt2 train.block_size=1024
     python scripts/benchmark.py --only train generation -- hardware=gpu model=gpt2
     python scripts/benchmark.py --only scorers pipeline
-    python scripts/benchmark.py --only ppo -- model.pretrained=runs:/<mle run id>/model
+    python scripts/benchmark.py --only sft dpo ppo grpo rloo -- model.pretrained=<an MLE model>
     python scripts/benchmark.py --only launch      # SLURM too when scripts/start-local-slurm.sh ran
 """
 
@@ -44,10 +45,9 @@ from phf.distributed import SINGLE_PROCESS
 from phf.evaluation import generate_samples
 from phf.hardware import resolve_placement
 from phf.models import load_model_and_tokenizer
-from phf.run import seed_everything
+from phf.run import STAGES, seed_everything
 from phf.scorers import build_scorer
 from phf.stages.loop import synchronize
-from phf.stages.ppo import PPOStage
 from phf.stages.pretrain import PretrainStage
 from phf.throughput import flops_per_token, peak_flops
 
@@ -59,7 +59,11 @@ SECTIONS = [
     "generation",
     "scorers",
     "pipeline",
+    "sft",
+    "dpo",
     "ppo",
+    "grpo",
+    "rloo",
     "launch",
 ]
 
@@ -72,7 +76,9 @@ def main() -> None:
         "--only", nargs="+", choices=SECTIONS, default=SECTIONS, help="sections to run"
     )
     parser.add_argument("--pipeline-files", type=int, default=1000)
-    parser.add_argument("--rollouts", type=int, default=5, help="timed PPO iterations")
+    parser.add_argument(
+        "--rollouts", type=int, default=5, help="timed steps of sft, dpo, ppo, grpo, rloo"
+    )
     parser.add_argument("--launch-jobs", type=int, default=4, help="jobs per timed sweep")
     parser.add_argument(
         "--objectives",
@@ -99,8 +105,9 @@ def main() -> None:
         benchmark_scorers()
     if "pipeline" in args.only:
         benchmark_pipeline(args.pipeline_files)
-    if "ppo" in args.only:
-        benchmark_ppo(args.overrides, args.warmup, args.rollouts)
+    for objective in STAGE_UNITS:
+        if objective in args.only:
+            benchmark_stage(objective, args.overrides, args.warmup, args.rollouts)
     if "launch" in args.only:
         benchmark_launch(args.launch_jobs)
 
@@ -305,32 +312,55 @@ def benchmark_generation(cfg, model, tokenizer, placement) -> None:
     )
 
 
-def benchmark_ppo(overrides: list[str], warmup: int, rollouts: int) -> None:
-    """PPO episodes/s of the stage's own iteration (generate, score, forward the policy and the
-    reference, GAE, ppo_epochs of updates) and the share of it spent generating."""
-    cfg = compose_config(["objective=ppo", *overrides])
+STAGE_UNITS = {
+    "sft": "tokens",
+    "dpo": "pairs",
+    "ppo": "episodes",
+    "grpo": "episodes",
+    "rloo": "episodes",
+}
+
+
+def benchmark_stage(objective: str, overrides: list[str], warmup: int, steps: int) -> None:
+    """A finetuning stage's own step, as the training loop drives it: SFT tokens/s (prompt and
+    response tokens of the examples), DPO preference pairs/s (policy forward and backward of
+    both sides; the reference's log-probabilities are cached once before the first step), and
+    for the online stages episodes/s of their iteration (generate, score, forward the policy
+    and the reference, update) with the share of it spent generating."""
+    cfg = compose_config([f"objective={objective}", *overrides])
     seed_everything(cfg.seed)
     placement = resolve_placement(cfg.hardware)
-    training = PPOStage.build(cfg, placement, SINGLE_PROCESS)
+    training = STAGES[objective].build(cfg, placement, SINGLE_PROCESS)
     for _ in range(warmup):
         training.step()
     synchronize(placement.device)
-    start, episodes_before = time.perf_counter(), training.progress
+    start, done_before = time.perf_counter(), training.progress
     generating = 0.0
-    for _ in range(rollouts):
+    for _ in range(steps):
         step_start = time.perf_counter()
         metrics = training.step()
-        generating += metrics["time/generation_share"] * (time.perf_counter() - step_start)
+        share = metrics.get("time/generation_share", 0.0)
+        generating += share * (time.perf_counter() - step_start)
     synchronize(placement.device)
     seconds = time.perf_counter() - start
-    ppo = cfg.ppo
-    print(
-        f"ppo: {(training.progress - episodes_before) / seconds:.1f} episodes/s, "
-        f"{generating / seconds:.0%} of the time generating ({ppo.rollout_batch_size} episodes "
-        f"of <= {ppo.response_length} tokens per rollout, {ppo.ppo_epochs} epochs x "
-        f"{ppo.rollout_batch_size // ppo.mini_batch_size} minibatches; reward "
-        f"{training.reward_source})"
-    )
+    rate = (training.progress - done_before) / seconds
+    settings = getattr(cfg, objective)
+    if objective in ("sft", "dpo"):
+        detail = f"batch {cfg.train.batch_size}, <= {settings.max_length} tokens each"
+    else:
+        detail = (
+            f"{settings.rollout_batch_size} episodes of <= {settings.response_length} tokens per "
+            f"iteration; reward {training.reward_source}"
+        )
+        if objective == "ppo":
+            detail += f"; {settings.ppo_epochs} epochs x "
+            detail += f"{settings.rollout_batch_size // settings.mini_batch_size} minibatches"
+        else:
+            detail += f"; {settings.num_generations} per prompt"
+    line = f"{objective}: {rate:,.1f} {STAGE_UNITS[objective]}/s"
+    if objective not in ("sft", "dpo"):
+        line += f", {generating / seconds:.0%} of the time generating"
+    print(f"{line} ({steps} steps; {detail})")
 
 
 def benchmark_scorers() -> None:
