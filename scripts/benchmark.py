@@ -348,9 +348,10 @@ def benchmark_stage(objective: str, overrides: list[str], warmup: int, steps: in
     if objective in ("sft", "dpo"):
         detail = f"batch {cfg.train.batch_size}, <= {settings.max_length} tokens each"
     else:
+        reward = settings.reward_model or f"minus the {cfg.scorer.name} scorer"
         detail = (
             f"{settings.rollout_batch_size} episodes of <= {settings.response_length} tokens per "
-            f"iteration; reward {training.reward_source}"
+            f"iteration; reward {reward}"
         )
         if objective == "ppo":
             detail += f"; {settings.ppo_epochs} epochs x "
