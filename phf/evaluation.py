@@ -25,36 +25,39 @@ GROUP_SIZE = 25  # samples per group in score_max@25
 BOOTSTRAP_RESAMPLES = 1000
 
 
+def expected_max_weights(n: int, k: int) -> np.ndarray:
+    """The weight of the i-th smallest of n values in E[max of k of them, drawn without
+    replacement]: it is the maximum of C(i - 1, k - 1) of the C(n, k) k-subsets (the estimator
+    of pass@k, for a maximum). Computed as a running product (no huge integers)."""
+    weights = np.zeros(n)
+    weight = float(np.prod([(k - j) / (n - j) for j in range(k)]))  # 1 / C(n, k), for i = k
+    weights[k - 1] = weight
+    for i in range(k + 1, n + 1):
+        weight *= (i - 1) / (i - k)
+        weights[i - 1] = weight
+    return weights
+
+
 def expected_max(scores: np.ndarray, k: int) -> float:
-    """E[max of k samples drawn without replacement] from these scores, exactly: the i-th
-    smallest of n is the maximum of C(i - 1, k - 1) of the C(n, k) k-subsets (the estimator
-    of pass@k, for a maximum)."""
-    values = np.sort(scores)
-    n = len(values)
+    """E[max of k samples drawn without replacement] from these scores, exactly."""
+    n = len(scores)
     if n < k:
         return float("nan")
-    # C(i - 1, k - 1) / C(n, k) for i = k..n, as a running product (no huge integers).
-    weights = np.zeros(n)
-    weight = 1.0
-    for i in range(k, n + 1):
-        if i == k:
-            weight = float(np.prod([(k - j) / (n - j) for j in range(k)]))  # 1 / C(n, k)
-        else:
-            weight *= (i - 1) / (i - k)
-        weights[i - 1] = weight
-    return float((weights * values).sum())
+    return float(np.sort(scores) @ expected_max_weights(n, k))
 
 
 def expected_max_interval(
     scores: np.ndarray, k: int, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES
 ) -> tuple[float, float]:
     """A 95% bootstrap (percentile) interval of expected_max: the samples resampled with
-    replacement ``resamples`` times, with a fixed seed."""
+    replacement ``resamples`` times, with a fixed seed. The weights depend only on how many
+    samples there are, so they are computed once for every resample."""
+    n = len(scores)
+    if n < k:
+        return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    estimates = [
-        expected_max(rng.choice(scores, size=len(scores), replace=True), k)
-        for _ in range(resamples)
-    ]
+    draws = np.stack([rng.choice(scores, size=n, replace=True) for _ in range(resamples)])
+    estimates = np.sort(draws, axis=1) @ expected_max_weights(n, k)
     low, high = np.percentile(estimates, [2.5, 97.5])
     return float(low), float(high)
 
