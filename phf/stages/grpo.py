@@ -18,7 +18,8 @@ episodes of the sum over their tokens of log pi - log pi_ref (GRPO's k3 loss ter
 samples, across every method).
 
 With one iteration the ratio is exactly 1 (the old log-probabilities are the current ones,
-detached): no extra forward pass. Metrics carry TRL's names: ``reward``, ``reward_std``,
+detached): no extra forward pass; RLOO's KL then uses the log-probabilities sampling computed.
+Metrics carry TRL's names: ``reward``, ``reward_std``,
 ``completions/mean_length``, ``completions/clipped_ratio``, ``clip_ratio``, ``entropy``.
 """
 
@@ -45,7 +46,7 @@ from phf.grpo import (
     piece_share,
 )
 from phf.hardware import Placement
-from phf.ppo import entropy_from_logits, masked_mean, masked_whiten
+from phf.ppo import masked_mean, masked_whiten
 from phf.stages.loop import NonFiniteLossError
 from phf.stages.online import OnlineStage, Responses, forward_response, generate_responses
 from phf.stages.pretrain import adamw, schedule
@@ -119,7 +120,8 @@ class GroupStage(OnlineStage, abc.ABC):
         mask: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Each episode's advantage [episodes] and metrics, from the rollout's scores and the
-        sampling policy's and the reference's log-probabilities (None where not computed)."""
+        sampling policy's and the reference's log-probabilities (the reference's None where
+        no reference is kept)."""
 
     def kl_penalty(self, logprobs: torch.Tensor, ref: torch.Tensor) -> torch.Tensor | None:
         """The per-token KL term of the loss (GRPO), or None (RLOO: it is in the reward)."""
@@ -153,17 +155,19 @@ class GroupStage(OnlineStage, abc.ABC):
         prompts, generated, scores = self.rollout()
         mask = generated.mask
         batch = (generated.query_ids, generated.query_mask, generated.response_ids, mask)
-        constraint = (settings.temperature, placement, self.stop_id, settings.min_response_length)
+        constraint = (self.constraint, placement)
         self.policy.eval()
         with torch.no_grad():
-            # The sampling policy's log-probabilities: needed for ratios from the second update
-            # on, and by RLOO's KL; with one GRPO update they are never used.
+            # Ratios from the second update on need the sampling policy's log-probabilities as
+            # the training forward computes them (a ratio of exactly 1 at the first update);
+            # RLOO's KL takes them as sampling computed them (no extra forward pass).
             old = None
-            if settings.num_iterations > 1 or not self.keeps_reference_in_loss():
+            if settings.num_iterations > 1:
                 old = forward_response(self.policy, None, *batch, *constraint)[0]
             ref = self.reference_logprobs(*batch, *constraint) if self.keeps_reference else None
         self.policy.train()
-        advantages, extra = self.advantages(scores, old, ref, mask)
+        sampling = old if old is not None else generated.logprobs
+        advantages, extra = self.advantages(scores, sampling, ref, mask)
 
         sums: dict[str, float] = {}
         sequence_kl = 0.0
@@ -174,7 +178,7 @@ class GroupStage(OnlineStage, abc.ABC):
             order = torch.randperm(settings.rollout_batch_size)
             for minibatch in order.split(self.mini_batch_size):
                 for piece in minibatch.split(micro):
-                    logprobs, _, logits = forward_response(
+                    logprobs, _, entropy = forward_response(
                         self.policy,
                         None,
                         *(part[piece] for part in batch),
@@ -204,7 +208,6 @@ class GroupStage(OnlineStage, abc.ABC):
                     (loss * share).backward()
                     weight = len(piece) / settings.rollout_batch_size / settings.num_iterations
                     with torch.no_grad():
-                        entropy = entropy_from_logits(logits.detach())
                         piece_metrics = {
                             "loss": float(loss.detach()),
                             "clip_ratio": float(masked_mean(clipped.float(), piece_mask)),
@@ -244,9 +247,6 @@ class GroupStage(OnlineStage, abc.ABC):
             }
         )
 
-    def keeps_reference_in_loss(self) -> bool:
-        return True
-
     def training_state(self) -> dict[str, Any]:
         return self.common_state() | {
             "optimizer": self.optimizer.state_dict(),
@@ -271,7 +271,7 @@ class GRPOStage(GroupStage):
     def advantages(
         self,
         scores: torch.Tensor,
-        logprobs: torch.Tensor | None,
+        logprobs: torch.Tensor,
         ref: torch.Tensor | None,
         mask: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -297,9 +297,6 @@ class RLOOStage(GroupStage):
     @staticmethod
     def needs_reference(settings: DictConfig) -> bool:
         return True
-
-    def keeps_reference_in_loss(self) -> bool:
-        return False  # the KL needs the sampling policy's log-probabilities, always
 
     def advantages(
         self, scores: torch.Tensor, logprobs: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor

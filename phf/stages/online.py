@@ -29,10 +29,13 @@ from phf.checkpoints import python_rng_state, set_python_rng_state
 from phf.data.prompts import online_prompts
 from phf.evaluation import Evaluator, left_padded_prompts
 from phf.hardware import Placement
+from phf.head_logprobs import head_logprobs, split_model
 from phf.lora import base_weights, with_lora
 from phf.lora import enabled as lora_enabled
 from phf.models import load_model_and_tokenizer, position_ids
+from phf.ppo import entropy_from_logits
 from phf.reward_model import RewardModel, score_texts
+from phf.sampling import SamplingConstraint, sample
 from phf.scorers import build_scorer
 from phf.stages.common import (
     build_evaluator,
@@ -160,6 +163,19 @@ def response_mask(
     return (~after_stop).float(), is_stop.any(dim=1)
 
 
+def rollout_constraint(
+    settings: DictConfig, stop_id: int | None, tokenizer: PreTrainedTokenizerBase
+) -> SamplingConstraint:
+    """The distribution a stage's responses are sampled from and scored under: the stop token
+    banned for the first ``min_response_length`` tokens; with no stop token, fixed-length
+    responses, EOS banned throughout."""
+    if stop_id is None:
+        return SamplingConstraint(
+            settings.temperature, tokenizer.eos_token_id, settings.response_length
+        )
+    return SamplingConstraint(settings.temperature, stop_id, settings.min_response_length)
+
+
 def forward_response(
     model: PreTrainedModel,
     value_head: torch.nn.Module | None,
@@ -167,32 +183,38 @@ def forward_response(
     query_mask: torch.Tensor,
     response_ids: torch.Tensor,
     mask: torch.Tensor,
-    temperature: float,
+    constraint: SamplingConstraint,
     placement: Placement,
-    stop_id: int | None = None,
-    min_length: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Log-probabilities [n, R] of the response tokens under the distribution they were sampled
-    from (at the sampling temperature, the stop token banned from the first ``min_length``
-    positions), the values of the states they were sampled from, and those positions' logits."""
+    from (``constraint``), the values of the states they were sampled from, and the entropy
+    [n, R] of that distribution at each position (no gradient). The output layer runs in
+    chunks (phf/head_logprobs.py) where the model allows it."""
     input_ids = torch.cat([query_ids, response_ids], dim=1)
     attention_mask = torch.cat([query_mask, mask.long()], dim=1)
-    with placement.autocast():
-        output = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),
-            output_hidden_states=value_head is not None,
-        )
     start = query_ids.size(1) - 1  # the position that predicts the first response token
-    logits = output.logits[:, start:-1].float() / temperature
-    if stop_id is not None and min_length > 0:
-        logits[:, :min_length, stop_id] = float("-inf")
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, response_ids[..., None]).squeeze(-1)
-    values = None
-    if value_head is not None:
-        values = value_head(output.hidden_states[-1][:, start:-1]).float()
-    return logprobs, values, logits
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids(attention_mask),
+    }
+    split = split_model(model)
+    with placement.autocast():
+        if split is not None:
+            decoder, head = split
+            hidden = decoder(**inputs).last_hidden_state[:, start:-1]
+            logprobs, entropy = head_logprobs(
+                hidden, head, response_ids, constraint, placement.dtype
+            )
+        else:
+            output = model(**inputs, output_hidden_states=value_head is not None)
+            hidden = output.hidden_states[-1][:, start:-1] if value_head is not None else None
+            logits = constraint.apply(output.logits[:, start:-1])
+            logprobs = torch.log_softmax(logits, dim=-1)
+            logprobs = logprobs.gather(-1, response_ids[..., None]).squeeze(-1)
+            entropy = entropy_from_logits(logits.detach())
+    values = value_head(hidden).float() if value_head is not None else None
+    return logprobs, values, entropy
 
 
 @dataclass
@@ -203,10 +225,10 @@ class Responses:
     mask: torch.Tensor  # [n, R] float
     found_stop: torch.Tensor  # [n] bool
     texts: list[str]  # without the stop token
+    logprobs: torch.Tensor  # [n, R] of the sampled tokens, as sampling computed them
     seconds: float
 
 
-@torch.no_grad()
 def generate_responses(
     policy: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -215,38 +237,34 @@ def generate_responses(
     settings: DictConfig,
     placement: Placement,
 ) -> Responses:
-    """One sampled response per prompt, from the policy itself."""
+    """One sampled response per prompt, from the policy itself (phf/sampling.py)."""
     was_training = policy.training
     policy.eval()
     start = time.perf_counter()
     query_ids, query_mask = left_padded_prompts(prompts, tokenizer, placement.device)
-    with placement.autocast():
-        output = policy.generate(
-            input_ids=query_ids,
-            attention_mask=query_mask,
-            do_sample=True,
-            temperature=settings.temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=settings.response_length,
-            # No stop token: fixed-length responses (EOS is not sampled). Otherwise the stop
-            # token is banned for the first min_response_length tokens.
-            min_new_tokens=(
-                settings.response_length if stop_id is None else settings.min_response_length
-            ),
-            eos_token_id=stop_id if stop_id is not None else tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
-        )
+    sampled = sample(
+        policy,
+        query_ids,
+        query_mask,
+        settings.response_length,
+        rollout_constraint(settings, stop_id, tokenizer),
+        stop_id,
+        tokenizer.pad_token_id,
+        placement,
+    )
     seconds = time.perf_counter() - start
     policy.train(was_training)
-    response_ids = output[:, query_ids.size(1) :]
+    response_ids = sampled.tokens
     mask, found_stop = response_mask(response_ids, stop_id)
     texts = []
-    for row, row_mask in zip(response_ids.tolist(), mask.tolist(), strict=True):
-        kept = [t for t, m in zip(row, row_mask, strict=True) if m and t != stop_id]
+    for row, length in zip(response_ids.tolist(), mask.sum(dim=1).long().tolist(), strict=True):
+        kept = row[:length]
+        if kept and kept[-1] == stop_id:
+            kept = kept[:-1]
         texts.append(tokenizer.decode(kept, skip_special_tokens=True))
-    return Responses(query_ids, query_mask, response_ids, mask, found_stop, texts, seconds)
+    return Responses(
+        query_ids, query_mask, response_ids, mask, found_stop, texts, sampled.logprobs, seconds
+    )
 
 
 class OnlineStage:
@@ -286,6 +304,7 @@ class OnlineStage:
         )
         self.reward = build_reward(settings, cfg, placement)
         self.stop_id = stop_token_id(settings.stop_token, tokenizer)
+        self.constraint = rollout_constraint(settings, self.stop_id, tokenizer)
         self.rng = random.Random(cfg.seed)
         self.steps_done = 0
         self.progress = 0  # episodes

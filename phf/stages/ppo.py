@@ -32,7 +32,6 @@ from phf.models import VALUE_HEAD_FILE, Network, ValueHead
 from phf.ppo import (
     AdaptiveKLController,
     FixedKLController,
-    entropy_from_logits,
     gae,
     masked_whiten,
     policy_loss,
@@ -112,11 +111,11 @@ class PPOStage(OnlineStage):
             self.policy, self.tokenizer, prompts, self.stop_id, ppo, placement
         )
         batch = (generated.query_ids, generated.query_mask, generated.response_ids, generated.mask)
-        constraint = (ppo.temperature, placement, self.stop_id, ppo.min_response_length)
+        constraint = (self.constraint, placement)
         self.policy.eval()
         with torch.no_grad():
             scores = self.scores(prompts, generated)
-            logprobs, values, logits = forward_response(
+            logprobs, values, entropy = forward_response(
                 self.policy, self.value_head, *batch, *constraint
             )
             ref_logprobs = self.reference_logprobs(*batch, *constraint)
@@ -127,7 +126,7 @@ class PPOStage(OnlineStage):
             logprobs=logprobs,
             ref_logprobs=ref_logprobs,
             values=values,
-            entropy=entropy_from_logits(logits) * generated.mask,
+            entropy=entropy * generated.mask,
             scores=scores,
         )
 
@@ -208,10 +207,8 @@ class PPOStage(OnlineStage):
             generated.query_mask[piece],
             generated.response_ids[piece],
             mask,
-            ppo.temperature,
+            self.constraint,
             self.placement,
-            self.stop_id,
-            ppo.min_response_length,
         )
         pg_loss, pg_metrics = policy_loss(
             logprobs, rollout.logprobs[piece], advantages[piece], mask, ppo.cliprange
