@@ -26,6 +26,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from phf.hardware import Placement
+from phf.models import position_ids
+from phf.objectives import next_token_logprobs
 from phf.sampling import SamplingConstraint
 
 # Rows per chunk: a chunk's logits of about 2**20 floats (4 MB) stay in a CPU core's cache; a
@@ -85,10 +88,11 @@ class _HeadLogprobs(torch.autograd.Function):
         constraint: SamplingConstraint,
         dtype: torch.dtype,
         chunk: int,
+        with_entropy: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = hidden.size(0)
         logprobs = hidden.new_empty(rows, dtype=torch.float32)
-        entropy = hidden.new_empty(rows, dtype=torch.float32)
+        entropy = hidden.new_zeros(rows, dtype=torch.float32)
         lse = hidden.new_empty(rows, dtype=torch.float32)
         for first in range(0, rows, chunk):
             part = slice(first, first + chunk)
@@ -103,9 +107,10 @@ class _HeadLogprobs(torch.autograd.Function):
             norm = torch.logsumexp(logits, dim=-1)
             lse[part] = norm
             logprobs[part] = logits.gather(1, tokens[part, None]).squeeze(1) - norm
-            probs = torch.exp(logits - norm[:, None])
-            # A banned token (logit -inf, probability 0) adds nothing.
-            entropy[part] = norm - (probs * logits.nan_to_num(neginf=0.0)).sum(dim=-1)
+            if with_entropy:
+                probs = torch.exp(logits - norm[:, None])
+                # A banned token (logit -inf, probability 0) adds nothing.
+                entropy[part] = norm - (probs * logits.nan_to_num(neginf=0.0)).sum(dim=-1)
         ctx.save_for_backward(hidden, weight, bias, tokens, banned, lse)
         ctx.constraint, ctx.dtype, ctx.chunk = constraint, dtype, chunk
         ctx.mark_non_differentiable(entropy)
@@ -143,7 +148,7 @@ class _HeadLogprobs(torch.autograd.Function):
         grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype) if ctx.needs_input_grad[2] else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def head_logprobs(
@@ -152,11 +157,13 @@ def head_logprobs(
     tokens: torch.Tensor,
     constraint: SamplingConstraint,
     dtype: torch.dtype,
+    with_entropy: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(token) [n, R] and the entropy [n, R] (no gradient) of the constrained softmax of
-    ``head(hidden)`` at each response position; ``hidden`` [n, R, d] are the states predicting
-    ``tokens`` [n, R], the first of them at response position 0. ``dtype`` is the products'
-    (the autocast dtype; float32 without autocast)."""
+    """log p(token) [n, R] and the entropy [n, R] (no gradient; zeros unless
+    ``with_entropy``) of the constrained softmax of ``head(hidden)`` at each response position;
+    ``hidden`` [n, R, d] are the states predicting ``tokens`` [n, R], the first of them at
+    response position 0. ``dtype`` is the products' (the autocast dtype; float32 without
+    autocast)."""
     rows, length, width = hidden.shape
     vocabulary = head.weight.size(0)
     banned = None
@@ -175,5 +182,32 @@ def head_logprobs(
             constraint,
             dtype,
             chunk,
+            with_entropy,
         )
     return logprobs.view(rows, length), entropy.view(rows, length)
+
+
+def next_token_logprobs_of(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    placement: Placement,
+) -> torch.Tensor:
+    """log p(token t+1 | tokens <= t) [batch, time - 1] in fp32 of a (padded) batch: chunked
+    through the output layer where ``split_model`` allows, else from the full logits (a model
+    wrapped for data parallelism is not split, so that its gradient hooks run)."""
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids(attention_mask),
+    }
+    split = split_model(model)
+    with placement.autocast():
+        if split is None:
+            return next_token_logprobs(model(**inputs).logits, input_ids)
+        decoder, head = split
+        hidden = decoder(**inputs).last_hidden_state[:, :-1]
+        plain = SamplingConstraint(temperature=1.0)
+        return head_logprobs(
+            hidden, head, input_ids[:, 1:], plain, placement.dtype, with_entropy=False
+        )[0]

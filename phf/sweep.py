@@ -89,11 +89,14 @@ def job_info() -> dict[str, str] | None:
     sweep = read_sweep(sweep_dir) or {}
     swept = set(sweep.get("swept_keys", []))
     varying = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept]
+    # A multirun that sweeps nothing is labelled by its semantic overrides: a tracking URI
+    # ("sqlite:////...") in a label is not a valid MLflow metric name for the parent's means.
+    semantic = [o for o in overrides if not o.lstrip("+~").startswith(NON_SEMANTIC_PREFIXES)]
     return {
         "sweep_dir": str(sweep_dir),
         "job_num": str(hydra_cfg.job.num),
         # The values this job takes for the swept keys, e.g. "objective=awr seed=2".
-        "overrides": " ".join(varying or overrides),
+        "overrides": " ".join(varying or semantic),
         "signature": signature(overrides),
         "log_file": str(Path(hydra_cfg.runtime.output_dir).resolve() / f"{hydra_cfg.job.name}.log"),
     }

@@ -164,9 +164,12 @@ def trl_worker(args: argparse.Namespace) -> float:
         prompts = datasets.Dataset.from_dict(
             {"input_ids": [[tokenizer.eos_token_id]] * (BATCH * steps)}
         )
+        # TRL's PPO batch is per_device_train_batch_size x gradient_accumulation_steps (64
+        # episodes per rollout), cut into num_mini_batches minibatches (4 of 16), each one
+        # micro-batch of per_device_train_batch_size (16): phf's settings above.
         config = PPOConfig(
             per_device_train_batch_size=16,
-            gradient_accumulation_steps=1,
+            gradient_accumulation_steps=BATCH // 16,
             num_mini_batches=4,
             num_ppo_epochs=4,
             response_length=RESPONSE,

@@ -208,3 +208,14 @@ def test_the_method_comparison_at_scale_composes(compose_cfg) -> None:
     assert cfg.model.name == "gpt2_small" and cfg.model.architecture.n_layer == 12
     assert cfg.scorer.name == "detoxify" and cfg.task.dataset == "tomekkorbak/pile-detoxify"
     assert cfg.train.block_size == 1024 and cfg.eval.kl_reference == "sweep:mle"
+
+
+def test_a_sweep_configuration_label_is_a_valid_mlflow_metric_prefix() -> None:
+    from mlflow.utils.validation import _validate_metric_name
+
+    from phf.tracking.sweeps import configuration_label
+
+    assert configuration_label("objective=awr seed=2") == "objective:awr"
+    assert configuration_label("seed=1") == "all"
+    label = configuration_label("reward.dropout=0.1 tracking.uri=sqlite:////tmp/mlflow.db")
+    _validate_metric_name(f"{label}/eval/accuracy")  # raises on an invalid name

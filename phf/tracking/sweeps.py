@@ -90,7 +90,10 @@ def configuration_label(overrides: str) -> str:
     seed=2" -> "objective:awr" (MLflow's names allow letters, digits, _ - . / : and space)."""
     parts = [o for o in overrides.split() if not o.startswith("seed=")]
     label = " ".join(part.replace("=", ":") for part in parts) or "all"
-    return "".join(c if c.isalnum() or c in "_-./: " else "_" for c in label)
+    label = "".join(c if c.isalnum() or c in "_-./: " else "_" for c in label)
+    while "//" in label:  # MLflow refuses a name that would resolve to another path
+        label = label.replace("//", "/")
+    return label
 
 
 def finish_sweep(sweep_dir: Path) -> tuple[list[dict[str, str]], str]:
