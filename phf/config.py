@@ -283,8 +283,8 @@ class RewardConfig:
     overlong: Overlong = Overlong.truncate
     epochs: float = 3.0  # passes over the train split; train.max_steps, when set, wins
     # Dropout in the trunk while it learns rewards (every dropout layer; null = the model's own).
-    # A tiny trunk trained from scratch on ~1k pairs overfits without it: held-out accuracy on
-    # the built-in toxicity pairs 0.78 without, 0.90 with.
+    # Held-out accuracy on the built-in toxicity pairs, tiny trunk from scratch, seeds 0-2:
+    # 0.908 ± 0.021 with 0.1, 0.889 ± 0.050 without (README: within the seed spread).
     dropout: float | None = 0.1
     margin: float = 0.0  # pairwise: -log sigmoid(r_chosen - r_rejected - margin - row margin)
     # Adds coef * (sum of a comparison's rewards)^2, keeping rewards centred on 0.

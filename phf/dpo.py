@@ -15,15 +15,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from phf.objectives import next_token_logprobs
 
-def response_logprobs(token_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+
+def response_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor
+) -> torch.Tensor:
     """log p(response | prompt) per row [batch], summed over the response's tokens only.
 
-    ``token_logprobs`` [batch, time - 1] are log p(token t+1 | tokens <= t) (position t scores
-    token t+1); ``response_mask`` [batch, time] is 1 on response tokens (not the prompt, not
-    padding, on whichever side it is), so the mask of the targets is ``response_mask[:, 1:]``.
+    ``response_mask`` [batch, time] is 1 on response tokens (not the prompt, not padding, on
+    whichever side it is); position t's logits score token t+1, so the mask of the targets is
+    ``response_mask[:, 1:]``.
     """
-    return (token_logprobs * response_mask[:, 1:].to(token_logprobs.dtype)).sum(dim=1)
+    logp = next_token_logprobs(logits, input_ids)
+    return (logp * response_mask[:, 1:].to(logp.dtype)).sum(dim=1)
 
 
 def preference_loss(

@@ -26,9 +26,6 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from phf.hardware import Placement
-from phf.models import position_ids
-from phf.objectives import next_token_logprobs
 from phf.sampling import SamplingConstraint
 
 # Rows per chunk: a chunk's logits of about 2**20 floats (4 MB) stay in a CPU core's cache; a
@@ -185,29 +182,3 @@ def head_logprobs(
             with_entropy,
         )
     return logprobs.view(rows, length), entropy.view(rows, length)
-
-
-def next_token_logprobs_of(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    placement: Placement,
-) -> torch.Tensor:
-    """log p(token t+1 | tokens <= t) [batch, time - 1] in fp32 of a (padded) batch: chunked
-    through the output layer where ``split_model`` allows, else from the full logits (a model
-    wrapped for data parallelism is not split, so that its gradient hooks run)."""
-    inputs = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids(attention_mask),
-    }
-    split = split_model(model)
-    with placement.autocast():
-        if split is None:
-            return next_token_logprobs(model(**inputs).logits, input_ids)
-        decoder, head = split
-        hidden = decoder(**inputs).last_hidden_state[:, :-1]
-        plain = SamplingConstraint(temperature=1.0)
-        return head_logprobs(
-            hidden, head, input_ids[:, 1:], plain, placement.dtype, with_entropy=False
-        )[0]

@@ -24,7 +24,6 @@ from phf.data.preferences import Comparison, as_pairs, builtin_comparisons, load
 from phf.dpo import preference_loss, preference_metrics, response_logprobs
 from phf.hardware import Placement
 from phf.lora import base_weights, merged, trainable, with_lora
-from phf.objectives import next_token_logprobs
 from phf.run import execute
 from phf.stages.sft import response_nll
 from phf.tokenizer import load_tokenizer
@@ -118,9 +117,7 @@ def test_response_logprobs_sum_the_response_only_under_either_padding(tiny_lm, t
                 examples, tokenizer.pad_token_id, CPU.device, left=left
             )
             results.append(
-                response_logprobs(
-                    next_token_logprobs(forward(tiny_lm, input_ids, attention), input_ids), response
-                )
+                response_logprobs(forward(tiny_lm, input_ids, attention), input_ids, response)
             )
     assert results[0].tolist() == pytest.approx(by_hand, abs=1e-4)
     assert results[1].tolist() == pytest.approx(by_hand, abs=1e-4)

@@ -13,9 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForC
 import phf.head_logprobs as head_module
 import phf.stages.online as online
 from phf.hardware import Placement
-from phf.head_logprobs import head_logprobs, next_token_logprobs_of, split_model
-from phf.models import position_ids
-from phf.objectives import next_token_logprobs
+from phf.head_logprobs import head_logprobs, split_model
 from phf.sampling import SamplingConstraint, draw, sample
 
 CPU = Placement(torch.device("cpu"), torch.float32)
@@ -202,17 +200,3 @@ def test_a_lora_policy_split_gives_the_same_log_probabilities_as_its_full_forwar
     )
     full = plain_logprobs(model, query_ids, query_mask, response, constraint)
     assert torch.allclose(fused[0], full[0], atol=1e-5)
-
-
-def test_next_token_log_probabilities_equal_the_full_logits_under_left_padding() -> None:
-    """SFT's and DPO's path (phf/head_logprobs.py's next_token_logprobs_of)."""
-    model = gpt2()
-    input_ids, attention = prompts()
-    logits = model(
-        input_ids=input_ids, attention_mask=attention, position_ids=position_ids(attention)
-    ).logits
-    full = next_token_logprobs(logits, input_ids)
-    chunked = next_token_logprobs_of(model, input_ids, attention, CPU)
-    assert chunked.shape == (3, 3)
-    real = attention[:, 1:].bool()  # targets that are real tokens
-    assert torch.allclose(chunked[real], full[real], atol=1e-5)

@@ -30,9 +30,8 @@ from phf.distributed import DistributedContext
 from phf.dpo import preference_loss, preference_metrics, response_logprobs
 from phf.evaluation import Evaluator
 from phf.hardware import Placement
-from phf.head_logprobs import next_token_logprobs_of
 from phf.lora import base_weights, with_lora
-from phf.models import load_model_and_tokenizer, resolve_source
+from phf.models import load_model_and_tokenizer, position_ids, resolve_source
 from phf.stages.common import (
     EpochShuffle,
     accumulate,
@@ -92,8 +91,11 @@ def sequence_logprobs(
     model: torch.nn.Module, examples: list[Example], pad_id: int, placement: Placement
 ) -> torch.Tensor:
     input_ids, attention, response = padded(examples, pad_id, placement.device)
-    token_logprobs = next_token_logprobs_of(model, input_ids, attention, placement)
-    return response_logprobs(token_logprobs, response)
+    with placement.autocast():
+        logits = model(
+            input_ids=input_ids, attention_mask=attention, position_ids=position_ids(attention)
+        ).logits
+    return response_logprobs(logits, input_ids, response)
 
 
 class DPOStage:

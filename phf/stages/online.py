@@ -185,11 +185,13 @@ def forward_response(
     mask: torch.Tensor,
     constraint: SamplingConstraint,
     placement: Placement,
+    with_entropy: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Log-probabilities [n, R] of the response tokens under the distribution they were sampled
     from (``constraint``), the values of the states they were sampled from, and the entropy
-    [n, R] of that distribution at each position (no gradient). The output layer runs in
-    chunks (phf/head_logprobs.py) where the model allows it."""
+    [n, R] of that distribution at each position (no gradient; zeros on the chunked path unless
+    ``with_entropy``). The output layer runs in chunks (phf/head_logprobs.py) where the model
+    allows it."""
     input_ids = torch.cat([query_ids, response_ids], dim=1)
     attention_mask = torch.cat([query_mask, mask.long()], dim=1)
     start = query_ids.size(1) - 1  # the position that predicts the first response token
@@ -204,7 +206,7 @@ def forward_response(
             decoder, head = split
             hidden = decoder(**inputs).last_hidden_state[:, start:-1]
             logprobs, entropy = head_logprobs(
-                hidden, head, response_ids, constraint, placement.dtype
+                hidden, head, response_ids, constraint, placement.dtype, with_entropy
             )
         else:
             output = model(**inputs, output_hidden_states=value_head is not None)
@@ -337,9 +339,9 @@ class OnlineStage:
         """Log-probabilities of a rollout's responses under the reference (forward_response's
         arguments after the model and value head)."""
         if self.reference is not None:
-            return forward_response(self.reference, None, *batch)[0]
+            return forward_response(self.reference, None, *batch, with_entropy=False)[0]
         with base_weights(self.policy):
-            return forward_response(self.policy, None, *batch)[0]
+            return forward_response(self.policy, None, *batch, with_entropy=False)[0]
 
     @staticmethod
     def kl_evaluator(

@@ -25,9 +25,9 @@ from phf.data.examples import EncodingCounts, Example, encode_example, padded, s
 from phf.distributed import DistributedContext
 from phf.evaluation import Evaluator
 from phf.hardware import Placement
-from phf.head_logprobs import next_token_logprobs_of
 from phf.lora import with_lora
-from phf.models import load_model_and_tokenizer
+from phf.models import load_model_and_tokenizer, position_ids
+from phf.objectives import next_token_nll
 from phf.stages.common import (
     EpochShuffle,
     accumulate,
@@ -66,9 +66,12 @@ def response_nll(
     input_ids, attention, response = padded(
         examples, pad_id, placement.device, loss_on_prompt=loss_on_prompt
     )
+    with placement.autocast():
+        logits = model(
+            input_ids=input_ids, attention_mask=attention, position_ids=position_ids(attention)
+        ).logits
     targets = response[:, 1:].float()
-    nll = -next_token_logprobs_of(model, input_ids, attention, placement)
-    return (nll * targets).sum(), targets.sum()
+    return (next_token_nll(logits, input_ids) * targets).sum(), targets.sum()
 
 
 class SFTStage:
