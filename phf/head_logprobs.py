@@ -52,6 +52,7 @@ def split_model(model: Any) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
 
 
 def _chunk_logits(
+    part: slice,
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -59,16 +60,16 @@ def _chunk_logits(
     constraint: SamplingConstraint,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Constrained float32 logits of one chunk; ``banned`` marks the rows whose banned token is
-    out of reach."""
-    logits = (hidden.to(dtype) @ weight.to(dtype).t()).float()
+    """Constrained float32 logits of the rows ``part`` of ``hidden``; ``banned`` marks the rows
+    whose banned token is out of reach."""
+    logits = (hidden[part].to(dtype) @ weight.to(dtype).t()).float()
     if bias is not None:
         logits = logits + bias.float()
     if constraint.temperature != 1.0:
         logits = logits / constraint.temperature
     if banned is not None:
         logits[:, constraint.banned_id] = torch.where(
-            banned, float("-inf"), logits[:, constraint.banned_id]
+            banned[part], float("-inf"), logits[:, constraint.banned_id]
         )
     return logits
 
@@ -93,14 +94,7 @@ class _HeadLogprobs(torch.autograd.Function):
         lse = hidden.new_empty(rows, dtype=torch.float32)
         for first in range(0, rows, chunk):
             part = slice(first, first + chunk)
-            logits = _chunk_logits(
-                hidden[part],
-                weight,
-                bias,
-                None if banned is None else banned[part],
-                constraint,
-                dtype,
-            )
+            logits = _chunk_logits(part, hidden, weight, bias, banned, constraint, dtype)
             norm = torch.logsumexp(logits, dim=-1)
             lse[part] = norm
             logprobs[part] = logits.gather(1, tokens[part, None]).squeeze(1) - norm
@@ -123,14 +117,7 @@ class _HeadLogprobs(torch.autograd.Function):
         compute_weight = weight.to(dtype)
         for first in range(0, hidden.size(0), chunk):
             part = slice(first, first + chunk)
-            logits = _chunk_logits(
-                hidden[part],
-                weight,
-                bias,
-                None if banned is None else banned[part],
-                constraint,
-                dtype,
-            )
+            logits = _chunk_logits(part, hidden, weight, bias, banned, constraint, dtype)
             # d log p(t) / d logits = onehot(t) - softmax, times the incoming gradient.
             grad = torch.exp(logits - lse[part, None]).mul_(-grad_logprobs[part, None])
             grad.scatter_add_(1, tokens[part, None], grad_logprobs[part, None])
