@@ -596,6 +596,7 @@ def test_a_sweep_whose_parent_run_cannot_be_created_fails_at_once(run_dir: Path)
     )
     assert result.returncode != 0
     assert "cannot create the sweep's parent run" in result.stderr
+    assert "names a directory, not a database file" in result.stderr
     assert "would run unnested" in result.stderr
     assert not list((run_dir / "sweep").rglob("checkpoints"))  # no job trained
 

@@ -129,6 +129,12 @@ def store_lock(uri: str) -> Iterator[None]:
     if path is None:
         yield
         return
+    if path.is_dir():
+        # MLflow would retry opening it for about 100 s before giving up.
+        raise ValueError(
+            f"the MLflow store {uri} names a directory, not a database file; point "
+            f"tracking.uri at a file, e.g. sqlite:///{path / 'mlflow.db'}"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
