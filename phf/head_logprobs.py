@@ -11,7 +11,7 @@ product of the model together. Here each chunk of rows goes through the output l
 constrained log-softmax and the entropy while it is in cache; backward recomputes the chunk's
 logits (one extra output-layer product) and accumulates the gradients of the hidden states and
 of the output layer's weight and bias. Numbers agree with the plain computation to float
-rounding (tests/test_head_logprobs.py).
+rounding (tests/test_sampling.py).
 
 It applies where the logits are exactly ``head(decoder(...).last_hidden_state)`` with a linear
 ``head`` (GPT-2, GPT-NeoX/Pythia, Llama and their kin; LoRA adapters in the decoder are fine);
@@ -65,13 +65,7 @@ def _chunk_logits(
     logits = (hidden[part].to(dtype) @ weight.to(dtype).t()).float()
     if bias is not None:
         logits = logits + bias.float()
-    if constraint.temperature != 1.0:
-        logits = logits / constraint.temperature
-    if banned is not None:
-        logits[:, constraint.banned_id] = torch.where(
-            banned[part], float("-inf"), logits[:, constraint.banned_id]
-        )
-    return logits
+    return constraint.apply_rows(logits, None if banned is None else banned[part])
 
 
 class _HeadLogprobs(torch.autograd.Function):

@@ -163,9 +163,9 @@ class GroupStage(OnlineStage, abc.ABC):
             # RLOO's KL takes them as sampling computed them (no extra forward pass).
             old = None
             if settings.num_iterations > 1:
-                old = forward_response(self.policy, None, *batch, *constraint, with_entropy=False)[
-                    0
-                ]
+                old, _, _ = forward_response(
+                    self.policy, None, *batch, *constraint, with_entropy=False
+                )
             ref = self.reference_logprobs(*batch, *constraint) if self.keeps_reference else None
         self.policy.train()
         sampling = old if old is not None else generated.logprobs
