@@ -412,6 +412,10 @@ class DPOConfig:
     beta: float = 0.1
     loss_type: DPOLoss = DPOLoss.sigmoid
     label_smoothing: float = 0.0  # sigmoid only: the assumed share of flipped labels (cDPO)
+    # Weight of the chosen response's per-token negative log-likelihood added to every pair's
+    # loss (RPO, Pang et al. 2024; TRL's rpo_alpha): it keeps the likelihood of the preferred,
+    # in-distribution text up while the margin grows. 0 is plain DPO.
+    rpo_alpha: float = 0.0
     max_length: int = 128
     overlong: Overlong = Overlong.truncate
     epochs: float = 3.0
@@ -611,6 +615,7 @@ RULES: dict[str, Rule] = {
     "sft.max_eval_examples": POSITIVE_INT,
     "dpo.beta": positive(),
     "dpo.label_smoothing": Rule(lambda v: _number(v) and 0 <= v < 0.5, "in [0, 0.5)"),
+    "dpo.rpo_alpha": non_negative(),
     "dpo.max_length": Rule(lambda v: _number(v) and v >= 4, "at least 4 tokens"),
     "dpo.epochs": positive(),
     "dpo.max_eval_pairs": POSITIVE_INT,

@@ -8,6 +8,10 @@ of the chosen response y_w over the rejected y_l:
   e = label_smoothing (conservative DPO; 0 is DPO itself);
 - ipo (Azar et al. 2023): (h - 1 / (2 beta))^2;
 - hinge (SLiC, Zhao et al. 2023): max(0, 1 - beta h).
+
+RPO (Pang et al. 2024) adds alpha times the chosen response's negative log-likelihood per token
+(``chosen_nll``) to any of the three: the margin can then grow only by pushing the rejected
+response down, not by pulling both down, which is what moves a policy far from its reference.
 """
 
 from __future__ import annotations
@@ -51,6 +55,13 @@ def preference_loss(
     if loss_type == "hinge":
         return torch.relu(1.0 - beta * h)
     raise ValueError(f"dpo.loss_type={loss_type!r} is not one of sigmoid, ipo, hinge")
+
+
+def chosen_nll(policy_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """The chosen response's negative log-likelihood per token [pairs] (RPO's term, normalised
+    by each response's length as in the paper): ``policy_chosen`` summed log-probabilities,
+    ``chosen_tokens`` how many tokens each sum covers."""
+    return -policy_chosen / chosen_tokens.to(policy_chosen.dtype)
 
 
 def preference_metrics(

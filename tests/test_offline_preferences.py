@@ -21,7 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from phf.data.corpus import iter_documents
 from phf.data.examples import Example, encode_example, padded
 from phf.data.preferences import Comparison, as_pairs, builtin_comparisons, load_comparisons
-from phf.dpo import preference_loss, preference_metrics, response_logprobs
+from phf.dpo import chosen_nll, preference_loss, preference_metrics, response_logprobs
 from phf.hardware import Placement
 from phf.lora import base_weights, merged, trainable, with_lora
 from phf.run import execute
@@ -62,6 +62,12 @@ def test_ipo_and_hinge_losses_by_hand() -> None:
     assert hinge.tolist() == pytest.approx([max(0.0, 1 - 0.5 * h) for h in H])
     with pytest.raises(ValueError, match="sigmoid, ipo, hinge"):
         preference_loss(PC, PR, RC, RR, beta=0.5, loss_type="kto")
+
+
+def test_rpos_term_is_the_chosen_nll_per_token() -> None:
+    # Chosen responses of 2 and 4 tokens with summed log-probabilities -1 and -3.
+    nll = chosen_nll(PC, torch.tensor([2, 4]))
+    assert nll.tolist() == pytest.approx([0.5, 0.75])
 
 
 def test_trl_metrics_by_hand() -> None:
@@ -256,6 +262,7 @@ def test_sft_and_dpo_train_from_a_model_and_log_trls_metrics(
         "rewards/margins",
         "logps/chosen",
         "logps/rejected",
+        "nll_loss",
     ):
         assert not math.isnan(runs.loc["dpo", f"metrics.{metric}"]), metric
         assert not math.isnan(runs.loc["dpo", f"metrics.eval/{metric}"]), metric
@@ -363,3 +370,23 @@ def test_cached_reference_logprobs_equal_fresh_ones(compose_cfg, mle_model: Path
     moved = logprobs_of(stage.model, examples, stage.tokenizer.pad_token_id, CPU, 4).view(-1, 2)
     assert not torch.allclose(moved, fresh, atol=1e-4)
     assert isinstance(examples[0], Example)
+
+
+@pytest.mark.slow
+def test_rpo_adds_alpha_times_the_chosen_nll_per_token(compose_cfg, mle_model: Path) -> None:
+    from phf.distributed import SINGLE_PROCESS
+    from phf.stages.dpo import DPOStage, logprobs_of
+
+    cfg = compose_cfg([*TINY_RUN, *TINY_DPO, f"model.pretrained={mle_model}", "eval.kl_samples=8"])
+    stage = DPOStage.build(cfg, CPU, SINGLE_PROCESS)
+    pairs, reference = stage.train_pairs[:4], stage.reference_train[:4]
+    with torch.no_grad():
+        plain, metrics = stage.pair_terms(stage.model, pairs, reference)
+        stage.cfg.dpo.rpo_alpha = 0.5
+        rpo, _ = stage.pair_terms(stage.model, pairs, reference)
+    chosen = [c for c, _ in pairs]
+    logps = logprobs_of(stage.model, chosen, stage.tokenizer.pad_token_id, CPU, 4)
+    tokens = torch.tensor([len(c.ids) - c.response_start for c in chosen])
+    nll = (-logps / tokens).sum()
+    torch.testing.assert_close(metrics["nll_loss"], nll, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(rpo, plain + 0.5 * nll, atol=1e-4, rtol=1e-5)

@@ -7,7 +7,8 @@ same data the reward stage reads: a best-of-N row gives N - 1 pairs), the refere
 log-probabilities of every pair computed once, then one optimizer step:
 policy log-probabilities of chosen and rejected responses (summed over response tokens only)
 and the loss of phf/dpo.py, the mean over the global batch's pairs under data parallelism too.
-Metrics are TRL's (``rewards/chosen``, ``rewards/accuracies``, ``logps/rejected``, ...); the
+``dpo.rpo_alpha`` adds the chosen side's negative log-likelihood per token (RPO). Metrics are
+TRL's (``rewards/chosen``, ``rewards/accuracies``, ``logps/rejected``, ``nll_loss``, ...); the
 evaluation adds them on the test pairs (``eval/rewards/accuracies``, ...) to the shared one,
 with KL from the reference.
 """
@@ -27,7 +28,7 @@ from transformers import AutoModelForCausalLM
 from phf.data.examples import EncodingCounts, Example, encode_responses, padded
 from phf.data.preferences import as_pairs, load_comparisons
 from phf.distributed import DistributedContext
-from phf.dpo import preference_loss, preference_metrics, response_logprobs
+from phf.dpo import chosen_nll, preference_loss, preference_metrics, response_logprobs
 from phf.evaluation import Evaluator
 from phf.hardware import Placement
 from phf.lora import base_weights, with_lora
@@ -240,7 +241,13 @@ class DPOStage:
             str(getattr(dpo.loss_type, "value", dpo.loss_type)),
             float(dpo.label_smoothing),
         )
-        return losses.sum(), preference_metrics(*args, float(dpo.beta))
+        # Tokens each chosen log-probability sums over: the response and its final EOS.
+        lengths = torch.tensor([len(c.ids) - c.response_start for c, _ in pairs])
+        nll = chosen_nll(logps[:, 0], lengths.to(logps.device))
+        if dpo.rpo_alpha:
+            losses = losses + float(dpo.rpo_alpha) * nll
+        metrics = preference_metrics(*args, float(dpo.beta))
+        return losses.sum(), metrics | {"nll_loss": nll.detach().sum()}
 
     def step(self) -> dict[str, Any]:
         cfg = self.cfg
