@@ -1,7 +1,7 @@
 """Faults and bad input lose nothing: numbers out of range, bad data, SIGTERM and SIGINT, a
 tracking server that dies, a changed config or a finished run in an existing directory, corrupt
-checkpoints and a full disk, a crafted pickle, two runs creating one store, and reward and PPO
-runs killed mid-way. Signals, processes, the server and the disk are real."""
+checkpoints and a full disk, a crafted pickle, two runs creating one store, a sweep killed and
+run again, and reward and PPO runs killed mid-way. Signals, processes, the server and the disk are real."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from phf.data.corpus import DatasetError
 from phf.data.preferences import parse_row
 from phf.run import execute
 from phf.stages.loop import NonFiniteLossError
+from phf.tracking import read_sweep, start_sweep
 from tests.conftest import TINY_RUN
 
 # Long enough to be stopped mid-way (each step takes milliseconds), short enough for CI.
@@ -599,6 +600,79 @@ def test_a_sweep_whose_parent_run_cannot_be_created_fails_at_once(run_dir: Path)
     assert "names a directory, not a database file" in result.stderr
     assert "would run unnested" in result.stderr
     assert not list((run_dir / "sweep").rglob("checkpoints"))  # no job trained
+
+
+@pytest.mark.slow
+def test_a_sweep_run_again_after_kill_9_keeps_one_parent_and_ends_the_lost_run(
+    run_dir: Path,
+) -> None:
+    """A multirun killed (kill -9) in job 1 before its first checkpoint, then the same command
+    again: job 0 returns its result, job 1 starts over and ends its lost run KILLED, and both
+    stay children of the one parent run, whose summary counts each job once."""
+    command = [
+        sys.executable,
+        "-m",
+        "phf.run",
+        "-m",
+        *LONG_RUN,
+        "train.save_steps=300",  # no checkpoint before the end
+        "seed=0,1",
+        f"tracking.uri=sqlite:///{run_dir / 'mlflow.db'}",
+        f"hydra.sweep.dir={run_dir / 'sweep'}",
+    ]
+    uri = f"sqlite:///{run_dir / 'mlflow.db'}"
+
+    def job_1_running() -> bool:
+        with contextlib.suppress(Exception):  # the store may not have its tables yet
+            found = runs(uri)
+            return "tags.job_num" in found and (found["tags.job_num"] == "1").any()
+        return False
+
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=run_dir,
+        start_new_session=True,
+    )
+    wait_for(job_1_running, process, timeout=600)
+    os.killpg(process.pid, signal.SIGKILL)  # no handler runs: job 1's run stays RUNNING
+    process.wait()
+    job_1_dir = next((run_dir / "sweep").rglob("1/.hydra")).parent
+    assert not checkpoints(job_1_dir)
+    [lost_id] = runs(uri).query("`tags.job_num` == '1'").run_id
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=run_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 of 2 jobs finished; 0 failed." in again.stdout
+    found = runs(uri)
+    [parent] = [row for _, row in found.iterrows() if row["tags.sweep"] == "parent"]
+    assert parent.status == "FINISHED" and parent["tags.resumed"] == "true"
+    children = found[found["tags.sweep"] != "parent"]
+    assert set(children["tags.mlflow.parentRunId"]) == {parent.run_id}
+    assert sorted(zip(children["tags.job_num"], children.status, strict=True)) == [
+        ("0", "FINISHED"),
+        ("1", "FINISHED"),
+        ("1", "KILLED"),
+    ]
+    lost = children.set_index("run_id").loc[lost_id]
+    assert lost.status == "KILLED" and lost["tags.phf.stopped_by"].startswith("lost: ")
+    assert parent["metrics.jobs"] == 2 and parent["metrics.failed_jobs"] == 0
+
+
+def test_the_same_sweep_reopens_its_parent_and_another_sweep_gets_its_own(
+    run_dir: Path,
+) -> None:
+    uri = f"sqlite:///{run_dir / 'mlflow.db'}"
+    sweep_dir = run_dir / "sweep"
+    first = start_sweep(sweep_dir, "toxicity", uri, "sweep: seed", {"seed": "0,1"})
+    mlflow.MlflowClient(uri).set_terminated(first, status="KILLED")
+    again = start_sweep(sweep_dir, "toxicity", uri, "sweep: seed", {"seed": "0,1"})
+    assert again == first
+    assert mlflow.MlflowClient(uri).get_run(first).info.status == "RUNNING"
+    other = start_sweep(sweep_dir, "toxicity", uri, "sweep: seed", {"seed": "0,1,2"})
+    assert other != first and read_sweep(sweep_dir)["parent_run_id"] == other
 
 
 # --- 9. reward and PPO resume, and their NaN guards --------------------------------------------

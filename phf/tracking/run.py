@@ -324,6 +324,7 @@ class Tracker:
             all_tags = {**self.tags, "mlflow.note.content": description}
             created = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
             self.run_id = created.info.run_id
+            self._close_lost_runs()
             self._send({"kind": "params", "params": flatten(params)})
             self._send(
                 {
@@ -355,6 +356,33 @@ class Tracker:
             raise
         else:
             self._end("FINISHED", raise_if_unrecorded=True)
+
+    def _close_lost_runs(self) -> None:
+        """End KILLED the runs still RUNNING in this run's output directory: a new run starts
+        there only when it holds no checkpoint to resume, so their process ended without one
+        (kill -9, a lost machine or SLURM node) and nothing will ever end them."""
+        output_dir = self.tags.get("output_dir")
+        if not output_dir:
+            return
+        try:
+            lost = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.output_dir = '{output_dir}' and attributes.status = 'RUNNING'",
+            )
+            for run in lost:
+                if run.info.run_id == self.run_id:
+                    continue
+                reason = (
+                    f"lost: its process ended before its first checkpoint; run {self.run_id} "
+                    f"started over in {output_dir}"
+                )
+                self.client.set_tag(run.info.run_id, "phf.stopped_by", reason)
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+                log.warning(
+                    "MLflow run %s was left RUNNING: ended KILLED (%s)", run.info.run_id, reason
+                )
+        except Exception as error:  # tidying the store must not stop a run that can train
+            log.warning("could not end the lost runs of %s: %s", output_dir, error)
 
     def _start_system_metrics(self, resume: bool) -> None:
         if not self.cfg.tracking.system_metrics or self.run_id is None:

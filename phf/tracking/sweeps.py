@@ -11,15 +11,20 @@ the runs table answers "which was best".
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 
 from phf.tracking.run import EXPERIMENT_KIND, experiment_id, open_store
+
+log = logging.getLogger(__name__)
 
 SWEEP_FILE = "mlflow_sweep.json"  # in the Hydra sweep directory: the parent run of a multirun
 # Metrics summarised per configuration on the parent run, when the jobs logged them.
@@ -50,6 +55,9 @@ def start_sweep(
     SweepError when the parent run cannot be created: jobs must not run unnested."""
     try:
         client = open_store(tracking_uri)
+        reopened = reopen_sweep(client, sweep_dir, experiment, swept)
+        if reopened is not None:
+            return reopened
         parent = client.create_run(
             experiment_id(client, experiment),
             run_name=name,
@@ -80,6 +88,38 @@ def start_sweep(
     return parent.info.run_id
 
 
+def reopen_sweep(
+    client: mlflow.MlflowClient, sweep_dir: Path, experiment: str, swept: dict[str, str]
+) -> str | None:
+    """The parent run of the multirun already recorded in ``sweep_dir``, set RUNNING again, when
+    this multirun is the same sweep run again (same store, experiment, swept keys and values):
+    its finished jobs return their results, its unfinished ones resume, and all of them stay
+    children of one parent run. None when there is no such sweep to reopen."""
+    info = read_sweep(sweep_dir)
+    if info is None:
+        return None
+    same = (
+        info.get("tracking_uri") == mlflow.get_tracking_uri()
+        and info.get("experiment") == experiment
+        and info.get("swept_keys") == sorted(swept)
+    )
+    try:
+        parent = client.get_run(info["parent_run_id"]) if same else None
+    except MlflowException:  # deleted, or another store at the same URI
+        parent = None
+    if parent is None or parent.data.params != swept:
+        log.warning(
+            "%s records another sweep (parent run %s); this multirun gets a new parent run",
+            sweep_dir / SWEEP_FILE,
+            info.get("parent_run_id"),
+        )
+        return None
+    client.update_run(parent.info.run_id, status="RUNNING")
+    client.set_tag(parent.info.run_id, "resumed", "true")
+    log.info("the sweep in %s runs again in its parent run %s", sweep_dir, parent.info.run_id)
+    return parent.info.run_id
+
+
 def read_sweep(sweep_dir: Path) -> dict | None:
     path = sweep_dir / SWEEP_FILE
     return json.loads(path.read_text()) if path.is_file() else None
@@ -96,6 +136,17 @@ def configuration_label(overrides: str) -> str:
     return label
 
 
+def latest_attempts(children: list) -> list:
+    """One run per job: a job run again after its run was lost (ended KILLED by the attempt that
+    took its output directory over) is summarised by its newest run."""
+    newest: dict[str, Any] = {}
+    for run in children:
+        job = run.data.tags.get("job_num", run.info.run_id)
+        if job not in newest or run.info.start_time > newest[job].info.start_time:
+            newest[job] = run
+    return list(newest.values())
+
+
 def finish_sweep(sweep_dir: Path) -> tuple[list[dict[str, str]], str]:
     """End a multirun's parent run with a summary of its children; returns the children
     (run id, status, job, output dir, error) and the summary as Markdown."""
@@ -105,8 +156,8 @@ def finish_sweep(sweep_dir: Path) -> tuple[list[dict[str, str]], str]:
     client = open_store(info["tracking_uri"])
     parent = info["parent_run_id"]
     experiment = client.get_run(parent).info.experiment_id
-    children = client.search_runs(
-        [experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'"
+    children = latest_attempts(
+        client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     )
     rows = [
         {
