@@ -786,7 +786,8 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 def resume_differences(saved: DictConfig, current: DictConfig) -> list[str]:
     """The keys whose values differ between a checkpoint's config and this run's ("train.lr:
     1000000.0 in the checkpoint, 0.002 now"), RESUME_IGNORED aside. A ``sweep:<objective>``
-    reference matches the run it named when the checkpoint was written."""
+    reference matches the run it named when the checkpoint was written, or null when it named
+    this run's own objective."""
     from omegaconf import OmegaConf
 
     def flat(cfg: DictConfig) -> dict[str, Any]:
@@ -799,6 +800,10 @@ def resume_differences(saved: DictConfig, current: DictConfig) -> list[str]:
             continue
         old, new = before.get(key, "<absent>"), now.get(key, "<absent>")
         if isinstance(new, str) and new.startswith("sweep:") and str(old).startswith("runs:/"):
+            continue
+        # sweep:<this run's own objective> resolves to null (phf.stages.common).
+        own = f"sweep:{now.get('objective.name')}"
+        if new == own and old is None:
             continue
         if old != new:
             differences.append(f"{key}: {old!r} in the checkpoint, {new!r} now")

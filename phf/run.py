@@ -45,7 +45,7 @@ from phf.stages.pretrain import PretrainStage
 from phf.stages.reward import RewardStage
 from phf.stages.sft import SFTStage
 from phf.sweep import job_info
-from phf.tracking import NullTracker, SweepError, Tracker, read_sweep
+from phf.tracking import NullTracker, SweepError, Tracker, read_sweep, record_job_failure
 from phf.tracking.run import source_tags
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,28 @@ def execute(
 
     ``job`` describes the multirun job this run is (phf.sweep.job_info), or is None for a single
     run. A job joins its sweep's parent MLflow run, and its failure is recorded (run FAILED,
-    error tagged) without raising, so that the sweep's other jobs go on.
+    error tagged) without raising, so that the sweep's other jobs go on and its summary, at the
+    end, lists it: a job that fails before its run opens (a config refused, a checkpoint of
+    another config) gets a FAILED run carrying the error.
     """
+    if job is None:
+        return execute_run(cfg, output_dir, overrides, None)
+    try:
+        return execute_run(cfg, output_dir, overrides, job)
+    except SweepError:
+        raise  # no parent run to record it under: the sweep must not go on unnested
+    except Exception as error:
+        if not init_distributed().is_main:
+            raise
+        log.exception("job %s failed before its MLflow run opened (%s)", job["job_num"], job)
+        record_job_failure(job, error)
+        return float("nan")
+
+
+def execute_run(
+    cfg: DictConfig, output_dir: Path, overrides: list[str], job: dict[str, str] | None
+) -> float:
+    """execute() without the outer guard of a multirun job."""
     validate_config(cfg)  # before any model is built or MLflow run opened
     stage = stage_name(cfg)
     seed_everything(cfg.seed)

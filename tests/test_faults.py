@@ -1,7 +1,8 @@
 """Faults and bad input lose nothing: numbers out of range, bad data, SIGTERM and SIGINT, a
 tracking server that dies, a changed config or a finished run in an existing directory, corrupt
 checkpoints and a full disk, a crafted pickle, two runs creating one store, a sweep killed and
-run again, and reward and PPO runs killed mid-way. Signals, processes, the server and the disk are real."""
+run again, and reward and PPO runs killed mid-way. Signals, processes, the server and the disk
+are real."""
 
 from __future__ import annotations
 

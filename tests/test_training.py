@@ -300,23 +300,32 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(
 
 @pytest.mark.slow
 def test_a_failing_job_does_not_stop_the_sweep(run_dir: Path, tracking_uri: str) -> None:
-    # Job 1's learning rate makes its loss NaN; jobs 0 and 2 are fine.
+    # Job 1's learning rate makes its loss NaN; job 3's is refused before its run opens; jobs
+    # 0 and 2 are fine.
     result = run_multirun(
-        run_dir, "train.lr=1e-3,1e30,2e-3", "train.max_steps=3", "train.eval_steps=100"
+        run_dir, "train.lr=1e-3,1e30,2e-3,-1", "train.max_steps=3", "train.eval_steps=100"
     )
-    assert result.returncode != 0  # the sweep reports its failure...
-    assert "2 of 3 jobs finished; 1 failed." in result.stdout  # ...after every job ran
+    assert result.returncode != 0  # the sweep reports its failures...
+    assert "2 of 4 jobs finished; 2 failed." in result.stdout  # ...after every job ran
     mlflow.set_tracking_uri(tracking_uri)
     runs = mlflow.search_runs(search_all_experiments=True)
     parent = runs[runs["tags.sweep"] == "parent"].iloc[0]
     children = runs[runs["tags.mlflow.parentRunId"] == parent.run_id].set_index("tags.job_num")
-    assert sorted(children.index) == ["0", "1", "2"]
-    assert list(children.loc[["0", "1", "2"], "status"]) == ["FINISHED", "FAILED", "FINISHED"]
+    assert parent.status == "FINISHED"  # summarised, not left RUNNING
+    assert sorted(children.index) == ["0", "1", "2", "3"]
+    assert list(children.loc[["0", "1", "2", "3"], "status"]) == [
+        "FINISHED",
+        "FAILED",
+        "FINISHED",
+        "FAILED",
+    ]
     assert "NonFiniteLossError" in children.loc["1", "tags.phf.error"]
+    assert "ConfigError" in children.loc["3", "tags.phf.error"]
+    assert "train.lr=-1" in children.loc["3", "tags.phf.error"]
     log_file = Path(children.loc["1", "tags.log_file"])
     assert log_file.is_file() and "NonFiniteLossError" in log_file.read_text()
     assert str(log_file) in result.stdout  # the summary says where the failed job's log is
     summary = mlflow.artifacts.load_text(f"runs:/{parent.run_id}/sweep_summary.md")
     assert "| 1 | FAILED | train.lr=1e+30 |" in summary
     # Seeds aside, jobs of different learning rates are different configurations.
-    assert children["tags.signature"].nunique() == 3
+    assert children["tags.signature"].nunique() == 4

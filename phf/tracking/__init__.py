@@ -14,6 +14,7 @@ from phf.tracking.sweeps import (
     SweepError,
     finish_sweep,
     read_sweep,
+    record_job_failure,
     start_sweep,
     wait_for_sweep_run,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "git_commit",
     "is_mlflow_uri",
     "read_sweep",
+    "record_job_failure",
     "resolve_model_source",
     "start_sweep",
     "wait_for_sweep_run",

@@ -88,6 +88,31 @@ def start_sweep(
     return parent.info.run_id
 
 
+def record_job_failure(job: dict[str, str], error: BaseException) -> None:
+    """A multirun job that failed before its MLflow run opened, as a FAILED child run of the
+    sweep with the error as ``phf.error``: the sweep's summary lists it with the others. Logs,
+    never raises, when the store cannot record it."""
+    info = read_sweep(Path(job["sweep_dir"]))
+    try:
+        if info is None:
+            raise FileNotFoundError(f"{Path(job['sweep_dir']) / SWEEP_FILE} not found")
+        client = open_store(info["tracking_uri"])
+        parent = info["parent_run_id"]
+        run = client.create_run(
+            client.get_run(parent).info.experiment_id,
+            run_name=f"{job['overrides']} (#{job['job_num']})",
+            tags={
+                **job,
+                "mlflow.parentRunId": parent,
+                "sweep_id": parent,
+                "phf.error": f"{type(error).__name__}: {error}"[:5000],
+            },
+        )
+        client.set_terminated(run.info.run_id, status="FAILED")
+    except Exception as store_error:
+        log.error("job %s's failure could not be recorded: %s", job["job_num"], store_error)
+
+
 def reopen_sweep(
     client: mlflow.MlflowClient, sweep_dir: Path, experiment: str, swept: dict[str, str]
 ) -> str | None:
@@ -278,7 +303,10 @@ __all__ = [
     "configuration_label",
     "find_sweep_run",
     "finish_sweep",
+    "latest_attempts",
     "read_sweep",
+    "record_job_failure",
+    "reopen_sweep",
     "start_sweep",
     "wait_for_sweep_run",
 ]
