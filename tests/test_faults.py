@@ -659,6 +659,8 @@ def test_a_sweep_run_again_after_kill_9_keeps_one_parent_and_ends_the_lost_run(
     ]
     lost = children.set_index("run_id").loc[lost_id]
     assert lost.status == "KILLED" and lost["tags.phf.stopped_by"].startswith("lost: ")
+    # It ended when it was last heard from, before the run that took its directory over began.
+    assert lost.end_time < children.query("status == 'FINISHED'").start_time.max()
     assert parent["metrics.jobs"] == 2 and parent["metrics.failed_jobs"] == 0
 
 

@@ -376,8 +376,10 @@ class Tracker:
                     f"lost: its process ended before its first checkpoint; run {self.run_id} "
                     f"started over in {output_dir}"
                 )
+                # It ended when it was last heard from, not now: its duration stays true.
+                heard = [m.timestamp for m in run.data._metric_objs] or [run.info.start_time]
                 self.client.set_tag(run.info.run_id, "phf.stopped_by", reason)
-                self.client.set_terminated(run.info.run_id, status="KILLED")
+                self.client.set_terminated(run.info.run_id, status="KILLED", end_time=max(heard))
                 log.warning(
                     "MLflow run %s was left RUNNING: ended KILLED (%s)", run.info.run_id, reason
                 )
