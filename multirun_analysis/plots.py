@@ -12,6 +12,7 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
 
 from multirun_analysis.summary import configuration_label  # noqa: E402
 
@@ -28,6 +29,7 @@ def pareto_plot(runs: pd.DataFrame, x_metric: str | list[str], y_metric: str = "
         1, len(x_metrics), figsize=(6.4 * len(x_metrics), 4.8), squeeze=False
     )
     for axes, x_name in zip(panels[0], x_metrics, strict=True):
+        points = []
         for label in sorted(labels.unique()):
             group = runs[labels == label]
             x, y = group[f"metrics.{x_name}"], group[f"metrics.{y_metric}"]
@@ -46,20 +48,54 @@ def pareto_plot(runs: pd.DataFrame, x_metric: str | list[str], y_metric: str = "
                 capsize=3,
                 label=label,
             )
-            text = f"{label} (reference)" if reference else label
-            axes.annotate(
-                text,
-                (x.mean(), y.mean()),
-                textcoords="offset points",
-                xytext=(5, 5),
-                fontsize="small",
-            )
+            points.append((f"{label} (reference)" if reference else label, x.mean(), y.mean()))
+        label_points(axes, points)
         axes.set_xlabel(x_name)
         axes.set_ylabel(y_metric)
         axes.set_title(f"{y_metric} vs {x_name} (mean ± std over seeds)")
     panels[0][-1].legend(fontsize="small")
     figure.tight_layout()
     return figure
+
+
+# Label offsets tried in turn, in points above (+) or below (-) a point, until the label's box
+# overlaps no label already placed; then the first again, with a leader line.
+LABEL_OFFSETS = (5, -14, 17, -26, 29, -38, 41, -50, 53, -62)
+
+
+def label_points(axes: plt.Axes, points: list[tuple[str, float, float]]) -> None:
+    """Write each (text, x, y) next to its point, moving a label up or down (with a line to its
+    point) where it would cover another: methods whose means are close stay readable."""
+    # The final layout (labels are left out of it) and limits, and a renderer to measure with.
+    axes.figure.tight_layout()
+    axes.figure.canvas.draw()
+    renderer = axes.figure.canvas.get_renderer()
+    placed = []
+    for text, x, y in sorted(points, key=lambda point: (-point[2], point[1])):
+        for dy in LABEL_OFFSETS:
+            label = axes.annotate(
+                text,
+                (x, y),
+                textcoords="offset points",
+                xytext=(5, dy),
+                fontsize="small",
+                arrowprops=None if dy == LABEL_OFFSETS[0] else {"arrowstyle": "-", "lw": 0.5},
+            )
+            label.set_in_layout(False)
+            label.update_positions(renderer)  # an annotation not drawn yet sits at the origin
+            # The text's box, not its line, with a margin so that neighbours do not touch.
+            box = Text.get_window_extent(label, renderer).padded(3)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            label.remove()
+        else:  # no free place: the first, overlapping
+            label = axes.annotate(
+                text, (x, y), textcoords="offset points", xytext=(5, 5), fontsize="small"
+            )
+            label.set_in_layout(False)
+            label.update_positions(renderer)
+            box = Text.get_window_extent(label, renderer).padded(3)
+        placed.append(box)
 
 
 # What each stage logs as its progress, the x axis of its curves (MLflow's step is the stage's

@@ -7,6 +7,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from matplotlib.text import Text
 
 from multirun_analysis.__main__ import main
 from multirun_analysis.plots import curve_plot, pareto_plot
@@ -157,3 +158,31 @@ def test_a_method_comparison_is_labelled_and_plotted_by_method() -> None:
     assert markers == [(0.0, 0.31), (5.0, 0.26), (11.0, 0.21)]
     legend = {t.get_text() for t in loss_axes.get_legend().get_texts()}
     assert legend == {"mle", "conditional", "conditional_ft"}
+
+
+def test_labels_of_close_methods_do_not_cover_each_other() -> None:
+    rows = [
+        {
+            "params.method.name": method,
+            "params.seed": str(seed),
+            "metrics.kl": kl + 0.01 * seed,
+            "metrics.score": score,
+            "metrics.eval/lm_loss": 5.0,
+        }
+        for method, kl, score in (("ppo", 5.0, 0.040), ("grpo", 5.1, 0.0401), ("rloo", 4.9, 0.0399))
+        for seed in (0, 1)
+    ] + [
+        {
+            "params.method.name": "awr",
+            "params.seed": "0",
+            "metrics.kl": 15.0,
+            "metrics.score": 0.06,
+            "metrics.eval/lm_loss": 6.0,
+        }
+    ]
+    figure = pareto_plot(pd.DataFrame(rows), "kl")
+    figure.canvas.draw()
+    axes = figure.axes[0]
+    boxes = [Text.get_window_extent(text) for text in axes.texts]  # the texts, not their lines
+    assert {text.get_text() for text in axes.texts} == {"ppo", "grpo", "rloo", "awr"}
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
