@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed
@@ -59,7 +61,7 @@ def pareto_plot(runs: pd.DataFrame, x_metric: str | list[str], y_metric: str = "
 
 
 # Label offsets tried in turn, in points above (+) or below (-) a point, until the label's box
-# overlaps no label already placed; then the first again, with a leader line.
+# overlaps no label already placed; with no free place, the first (overlapping).
 LABEL_OFFSETS = (5, -14, 17, -26, 29, -38, 41, -50, 53, -62)
 
 
@@ -70,31 +72,30 @@ def label_points(axes: plt.Axes, points: list[tuple[str, float, float]]) -> None
     axes.figure.tight_layout()
     axes.figure.canvas.draw()
     renderer = axes.figure.canvas.get_renderer()
+
+    def place(text: str, x: float, y: float, dy: float) -> tuple[Text, Any]:
+        label = axes.annotate(
+            text,
+            (x, y),
+            textcoords="offset points",
+            xytext=(5, dy),
+            fontsize="small",
+            arrowprops=None if dy == LABEL_OFFSETS[0] else {"arrowstyle": "-", "lw": 0.5},
+        )
+        label.set_in_layout(False)
+        label.update_positions(renderer)  # an annotation not drawn yet sits at the origin
+        # The text's box, not its line, with a margin so that neighbours do not touch.
+        return label, Text.get_window_extent(label, renderer).padded(3)
+
     placed = []
     for text, x, y in sorted(points, key=lambda point: (-point[2], point[1])):
         for dy in LABEL_OFFSETS:
-            label = axes.annotate(
-                text,
-                (x, y),
-                textcoords="offset points",
-                xytext=(5, dy),
-                fontsize="small",
-                arrowprops=None if dy == LABEL_OFFSETS[0] else {"arrowstyle": "-", "lw": 0.5},
-            )
-            label.set_in_layout(False)
-            label.update_positions(renderer)  # an annotation not drawn yet sits at the origin
-            # The text's box, not its line, with a margin so that neighbours do not touch.
-            box = Text.get_window_extent(label, renderer).padded(3)
+            label, box = place(text, x, y, dy)
             if not any(box.overlaps(other) for other in placed):
                 break
             label.remove()
-        else:  # no free place: the first, overlapping
-            label = axes.annotate(
-                text, (x, y), textcoords="offset points", xytext=(5, 5), fontsize="small"
-            )
-            label.set_in_layout(False)
-            label.update_positions(renderer)
-            box = Text.get_window_extent(label, renderer).padded(3)
+        else:
+            label, box = place(text, x, y, LABEL_OFFSETS[0])
         placed.append(box)
 
 

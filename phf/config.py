@@ -794,6 +794,8 @@ def resume_differences(saved: DictConfig, current: DictConfig) -> list[str]:
         return _flat(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
     before, now = flat(saved), flat(current)
+    # sweep:<this run's own objective> resolves to null (phf.stages.common).
+    own_objective = f"sweep:{now.get('objective.name')}"
     differences = []
     for key in sorted(set(before) | set(now)):
         if key in RESUME_IGNORED or key.startswith(tuple(f"{p}." for p in RESUME_IGNORED)):
@@ -801,9 +803,7 @@ def resume_differences(saved: DictConfig, current: DictConfig) -> list[str]:
         old, new = before.get(key, "<absent>"), now.get(key, "<absent>")
         if isinstance(new, str) and new.startswith("sweep:") and str(old).startswith("runs:/"):
             continue
-        # sweep:<this run's own objective> resolves to null (phf.stages.common).
-        own = f"sweep:{now.get('objective.name')}"
-        if new == own and old is None:
+        if new == own_objective and old is None:
             continue
         if old != new:
             differences.append(f"{key}: {old!r} in the checkpoint, {new!r} now")

@@ -45,7 +45,15 @@ from phf.stages.pretrain import PretrainStage
 from phf.stages.reward import RewardStage
 from phf.stages.sft import SFTStage
 from phf.sweep import job_info
-from phf.tracking import NullTracker, SweepError, Tracker, read_sweep, record_job_failure
+from phf.tracking import (
+    NullTracker,
+    SweepError,
+    Tracker,
+    child_tags,
+    job_run_name,
+    read_sweep,
+    record_job_failure,
+)
 from phf.tracking.run import source_tags
 
 log = logging.getLogger(__name__)
@@ -196,12 +204,9 @@ def execute_run(
         if job is not None:
             tags |= job
         if sweep is not None:
-            tags |= {
-                "mlflow.parentRunId": sweep["parent_run_id"],
-                "sweep_id": sweep["parent_run_id"],
-            }
+            tags |= child_tags(sweep["parent_run_id"])
         default_name = (
-            f"{job['overrides']} (#{job['job_num']})"
+            job_run_name(job)
             if job is not None
             else f"{cfg.objective.name}-{cfg.model.name}-seed{cfg.seed}"
         )

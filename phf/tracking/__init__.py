@@ -12,7 +12,9 @@ from phf.tracking.models import download_model, is_mlflow_uri, resolve_model_sou
 from phf.tracking.run import NullTracker, Tracker, TrackingIncomplete, flatten, git_commit
 from phf.tracking.sweeps import (
     SweepError,
+    child_tags,
     finish_sweep,
+    job_run_name,
     read_sweep,
     record_job_failure,
     start_sweep,
@@ -26,11 +28,13 @@ __all__ = [
     "TrackingIncomplete",
     "TrackingServerUnreachable",
     "check_tracking_server",
+    "child_tags",
     "download_model",
     "finish_sweep",
     "flatten",
     "git_commit",
     "is_mlflow_uri",
+    "job_run_name",
     "read_sweep",
     "record_job_failure",
     "resolve_model_source",

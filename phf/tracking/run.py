@@ -51,10 +51,16 @@ BATCH_LIMIT = 1000  # metrics per log_batch call
 # The MLflow UI opens experiments without this tag in its GenAI mode (traces, evaluation runs).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 UNRECORDED_DIR = "unrecorded"
+MAX_TAG_LENGTH = 5000  # what phf keeps of an error in a tag (MLflow allows more)
 
 
 class TrackingIncomplete(RuntimeError):
     """The run trained, but the tracking server never came back to record all of it."""
+
+
+def error_tag(error: BaseException) -> str:
+    """An error as the value of a run's ``phf.error`` tag: its type and message."""
+    return f"{type(error).__name__}: {error}"[:MAX_TAG_LENGTH]
 
 
 def param_value(value: Any) -> str:
@@ -339,16 +345,14 @@ class Tracker:
         try:
             yield self
         except KeyboardInterrupt as error:  # phf.signals.Interrupted: SIGTERM, SIGINT
-            self._send({"kind": "tags", "tags": {"phf.stopped_by": str(error)[:5000]}})
+            self._send({"kind": "tags", "tags": {"phf.stopped_by": str(error)[:MAX_TAG_LENGTH]}})
             self._end("KILLED")
             raise
         except BaseException:
             if self.preempted:
                 self._end(None)  # left RUNNING: the requeued job reopens this run
                 raise
-            error = sys.exc_info()[1]
-            message = f"{type(error).__name__}: {error}"
-            self._send({"kind": "tags", "tags": {"phf.error": message[:5000]}})
+            self._send({"kind": "tags", "tags": {"phf.error": error_tag(sys.exc_info()[1])}})
             self._send(
                 {"kind": "text", "text": traceback.format_exc(), "artifact_file": "error.txt"}
             )

@@ -22,7 +22,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from phf.tracking.run import EXPERIMENT_KIND, experiment_id, open_store
+from phf.tracking.run import EXPERIMENT_KIND, error_tag, experiment_id, open_store
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,16 @@ def start_sweep(
     return parent.info.run_id
 
 
+def job_run_name(job: dict[str, str]) -> str:
+    """The MLflow run name of a multirun job: its swept values and number."""
+    return f"{job['overrides']} (#{job['job_num']})"
+
+
+def child_tags(parent_run_id: str) -> dict[str, str]:
+    """The tags that make a run a child of the sweep's parent run in MLflow (and in phf)."""
+    return {"mlflow.parentRunId": parent_run_id, "sweep_id": parent_run_id}
+
+
 def record_job_failure(job: dict[str, str], error: BaseException) -> None:
     """A multirun job that failed before its MLflow run opened, as a FAILED child run of the
     sweep with the error as ``phf.error``: the sweep's summary lists it with the others. Logs,
@@ -100,13 +110,8 @@ def record_job_failure(job: dict[str, str], error: BaseException) -> None:
         parent = info["parent_run_id"]
         run = client.create_run(
             client.get_run(parent).info.experiment_id,
-            run_name=f"{job['overrides']} (#{job['job_num']})",
-            tags={
-                **job,
-                "mlflow.parentRunId": parent,
-                "sweep_id": parent,
-                "phf.error": f"{type(error).__name__}: {error}"[:5000],
-            },
+            run_name=job_run_name(job),
+            tags={**job, **child_tags(parent), "phf.error": error_tag(error)},
         )
         client.set_terminated(run.info.run_id, status="FAILED")
     except Exception as store_error:
@@ -123,10 +128,10 @@ def reopen_sweep(
     info = read_sweep(sweep_dir)
     if info is None:
         return None
+    # The parent's params are the swept keys and values (start_sweep): compared below.
     same = (
         info.get("tracking_uri") == mlflow.get_tracking_uri()
         and info.get("experiment") == experiment
-        and info.get("swept_keys") == sorted(swept)
     )
     try:
         parent = client.get_run(info["parent_run_id"]) if same else None
@@ -300,9 +305,11 @@ __all__ = [
     "EXPERIMENT_KIND",
     "SWEEP_FILE",
     "SweepError",
+    "child_tags",
     "configuration_label",
     "find_sweep_run",
     "finish_sweep",
+    "job_run_name",
     "latest_attempts",
     "read_sweep",
     "record_job_failure",
