@@ -7,7 +7,7 @@ compose time, with Hydra's own error, before any work starts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -731,17 +731,8 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 # ------------------------------------------------------------------------- by stage
-# The config sections and objective keys each stage reads: a run logs only those as params, and
-# a resumed run compares only what changes its numbers.
-STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "pretrain": (),
-    "reward": ("reward",),
-    "ppo": ("ppo",),
-    "sft": ("sft",),
-    "dpo": ("dpo",),
-    "grpo": ("grpo",),
-    "rloo": ("rloo",),
-}
+# The objective keys each objective reads: a run logs only those as params. (A stage's own
+# config section is named by its stage class: phf/stages/, ``section``.)
 OBJECTIVE_KEYS: dict[str, tuple[str, ...]] = {
     "filtering": ("threshold",),
     "conditional": ("threshold", "drop_token_fraction"),
@@ -753,15 +744,16 @@ OBJECTIVE_KEYS: dict[str, tuple[str, ...]] = {
 RESUME_IGNORED = ("hardware", "tracking", "data", "train.resume", "eval.kl_reference_timeout_min")
 
 
-def stage_params(cfg: DictConfig) -> dict[str, Any]:
-    """The config as the run's params: only the sections of its own stage, only the objective
-    keys its objective reads; tracking settings are where it is recorded, not params."""
+def stage_params(
+    cfg: DictConfig, own_section: str | None, stage_sections: Iterable[str]
+) -> dict[str, Any]:
+    """The config as the run's params: of the ``stage_sections`` (every stage's own section),
+    only ``own_section``; only the objective keys its objective reads; tracking settings are
+    where it is recorded, not params."""
     from omegaconf import OmegaConf
 
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    stage = container["objective"]["stage"]
-    own = STAGE_SECTIONS.get(stage, ())
-    for section in {s for sections in STAGE_SECTIONS.values() for s in sections} - set(own):
+    for section in set(stage_sections) - {own_section}:
         container.pop(section, None)
     objective = container["objective"]
     keep = ("name", "stage", *OBJECTIVE_KEYS.get(objective["name"], ()))
@@ -785,26 +777,19 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def resume_differences(saved: DictConfig, current: DictConfig) -> list[str]:
     """The keys whose values differ between a checkpoint's config and this run's ("train.lr:
-    1000000.0 in the checkpoint, 0.002 now"), RESUME_IGNORED aside. A ``sweep:<objective>``
-    reference matches the run it named when the checkpoint was written, or null when it named
-    this run's own objective."""
+    1000000.0 in the checkpoint, 0.002 now"), RESUME_IGNORED aside. Both configs have their
+    ``sweep:<objective>`` references resolved (phf.run resolves them before comparing)."""
     from omegaconf import OmegaConf
 
     def flat(cfg: DictConfig) -> dict[str, Any]:
         return _flat(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
     before, now = flat(saved), flat(current)
-    # sweep:<this run's own objective> resolves to null (phf.stages.common).
-    own_objective = f"sweep:{now.get('objective.name')}"
     differences = []
     for key in sorted(set(before) | set(now)):
         if key in RESUME_IGNORED or key.startswith(tuple(f"{p}." for p in RESUME_IGNORED)):
             continue
         old, new = before.get(key, "<absent>"), now.get(key, "<absent>")
-        if isinstance(new, str) and new.startswith("sweep:") and str(old).startswith("runs:/"):
-            continue
-        if new == own_objective and old is None:
-            continue
         if old != new:
             differences.append(f"{key}: {old!r} in the checkpoint, {new!r} now")
     return differences

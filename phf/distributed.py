@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -103,3 +104,35 @@ def agreed_signal(signum: int | None, context: DistributedContext) -> int | None
     value = torch.tensor([float(signum or 0)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return int(value.item()) or None
+
+
+def gather_rows(
+    value: torch.Tensor, context: DistributedContext, pad_value: float = 0, left: bool = False
+) -> torch.Tensor:
+    """Every process's rows of ``value`` (each process holding as many), concatenated in rank
+    order, in every process. A [rows, width, ...] tensor is first padded with ``pad_value`` to
+    the widest process's width, on the right (or the ``left``)."""
+    if not context.enabled:
+        return value
+    if value.dim() >= 2:
+        width = torch.tensor([value.size(1)], device=value.device)
+        dist.all_reduce(width, op=dist.ReduceOp.MAX)
+        missing = int(width.item()) - value.size(1)
+        if missing:
+            pad = [0, 0] * (value.dim() - 2) + ([missing, 0] if left else [0, missing])
+            value = F.pad(value, pad, value=pad_value)
+    boolean = value.dtype == torch.bool
+    value = value.to(torch.uint8) if boolean else value.contiguous()
+    parts = [torch.empty_like(value) for _ in range(context.world_size)]
+    dist.all_gather(parts, value)
+    gathered = torch.cat(parts)
+    return gathered.bool() if boolean else gathered
+
+
+def gather_objects(items: list, context: DistributedContext) -> list:
+    """Every process's ``items``, concatenated in rank order, in every process."""
+    if not context.enabled:
+        return items
+    parts: list = [None] * context.world_size
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]

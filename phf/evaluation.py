@@ -18,8 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from phf.hardware import Placement
-from phf.objectives import next_token_logprobs, next_token_nll
+from phf.losses.lm import next_token_nll
 from phf.scorers import Scorer
+from phf.sequences import batched_continuation_logprobs, build_batch
 
 GROUP_SIZE = 25  # samples per group in score_max@25
 BOOTSTRAP_RESAMPLES = 1000
@@ -128,13 +129,8 @@ def left_padded_prompts(
     same position (generation appends on the right); returns input ids and attention mask."""
     eos = tokenizer.eos_token_id
     rows = [[eos, *prefix_ids, *tokenizer.encode(p, add_special_tokens=False)] for p in prompts]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = torch.tensor(row)
-        attention_mask[i, width - len(row) :] = 1
-    return input_ids.to(device), attention_mask.to(device)
+    batch = build_batch(rows, tokenizer.pad_token_id, device, left=True)
+    return batch.input_ids, batch.attention_mask
 
 
 @torch.no_grad()
@@ -288,7 +284,6 @@ class KLReference:
         return float((self.ref_logprobs - logprobs).mean())
 
 
-@torch.no_grad()
 def sequence_logprobs(
     model: PreTrainedModel,
     sequences: list[list[int]],
@@ -298,31 +293,11 @@ def sequence_logprobs(
     placement: Placement,
 ) -> torch.Tensor:
     """log p(sequence | EOS + prefix) for each sequence, summed over its tokens, in fp32."""
-    was_training = model.training
-    model.eval()
     context = [eos_id, *prefix_ids]
-    out = []
-    for first in range(0, len(sequences), batch_size):
-        batch = sequences[first : first + batch_size]
-        width = len(context) + max(len(s) for s in batch)
-        input_ids = torch.full((len(batch), width), eos_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        target_mask = torch.zeros((len(batch), width - 1), dtype=torch.bool)
-        for i, seq in enumerate(batch):
-            row = context + seq
-            input_ids[i, : len(row)] = torch.tensor(row)
-            attention_mask[i, : len(row)] = 1
-            # Position t predicts token t+1: the sequence's tokens are targets len(context)-1..
-            target_mask[i, len(context) - 1 : len(row) - 1] = True
-        input_ids = input_ids.to(placement.device)
-        with placement.autocast():
-            logits = model(
-                input_ids=input_ids, attention_mask=attention_mask.to(placement.device)
-            ).logits
-        logp = next_token_logprobs(logits, input_ids)
-        out.append((logp * target_mask.to(logp.device)).sum(dim=1).cpu())
-    model.train(was_training)
-    return torch.cat(out)
+    rows = [context + list(sequence) for sequence in sequences]
+    return batched_continuation_logprobs(
+        model, rows, [len(context)] * len(rows), eos_id, batch_size, placement
+    )
 
 
 class Evaluator:

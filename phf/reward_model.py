@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import (
@@ -44,6 +43,7 @@ from phf.checkpoints import save_pretrained
 from phf.data.preferences import Comparison
 from phf.hardware import Placement
 from phf.models import last_token_index, position_ids, resolve_source
+from phf.sequences import build_batch
 from phf.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -270,18 +270,6 @@ def encode_comparisons(
     return encoded, stats
 
 
-def right_padded(
-    sequences: Sequence[list[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        input_ids[i, : len(seq)] = torch.tensor(seq)
-        attention_mask[i, : len(seq)] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
 def comparison_rewards(
     model: RewardModel,
     batch: Sequence[EncodedComparison],
@@ -292,9 +280,9 @@ def comparison_rewards(
     (best-of-N rows may hold different numbers of responses)."""
     width = max(len(c.sequences) for c in batch)
     flat = [s for c in batch for s in c.sequences]
-    input_ids, attention_mask = right_padded(flat, pad_id, placement.device)
+    inputs = build_batch(flat, pad_id, placement.device)
     with placement.autocast():
-        flat_rewards = model(input_ids, attention_mask).float()
+        flat_rewards = model(inputs.input_ids, inputs.attention_mask).float()
     rewards = torch.zeros((len(batch), width), device=flat_rewards.device)
     valid = torch.zeros((len(batch), width), dtype=torch.bool, device=flat_rewards.device)
     start = 0
@@ -304,51 +292,6 @@ def comparison_rewards(
         valid[i, :n] = True
         start += n
     return rewards, valid
-
-
-def preference_loss(
-    rewards: torch.Tensor,
-    valid: torch.Tensor,
-    best: torch.Tensor,
-    margins: torch.Tensor,
-    center_coef: float = 0.0,
-) -> torch.Tensor:
-    """The reward model's loss on a batch of comparisons.
-
-    Pairs: -log sigmoid(r_chosen - r_rejected - margin) (InstructGPT's, TRL's); N-way
-    comparisons: cross-entropy of the softmax over the N rewards against the best one
-    (lm-human-preferences). For pairs without margins the two are the same number. ``center_coef``
-    adds coef * (sum of a comparison's rewards)^2 (TRL's center_rewards_coefficient).
-    """
-    if rewards.size(1) == 2 and bool(valid.all()):
-        chosen = rewards.gather(1, best[:, None]).squeeze(1)
-        rejected = rewards.gather(1, (1 - best)[:, None]).squeeze(1)
-        loss = -F.logsigmoid(chosen - rejected - margins).mean()
-    else:
-        loss = F.cross_entropy(rewards.masked_fill(~valid, float("-inf")), best)
-    if center_coef:
-        loss = loss + center_coef * (rewards * valid).sum(dim=1).pow(2).mean()
-    return loss
-
-
-def preference_metrics(
-    rewards: torch.Tensor, valid: torch.Tensor, best: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """accuracy: the best response's reward is strictly above every other's (a tie is wrong);
-    margin: the best response's reward minus the mean of the others'; reward mean and std over
-    every response."""
-    best_reward = rewards.gather(1, best[:, None]).squeeze(1)
-    others = valid.clone()
-    others.scatter_(1, best[:, None], False)
-    beaten = torch.where(others, rewards < best_reward[:, None], torch.ones_like(others))
-    other_mean = (rewards * others).sum(dim=1) / others.sum(dim=1)
-    real = rewards[valid]
-    return {
-        "accuracy": beaten.all(dim=1).float().mean(),
-        "margin": (best_reward - other_mean).mean(),
-        "reward_mean": real.mean(),
-        "reward_std": real.std() if real.numel() > 1 else torch.zeros(()),
-    }
 
 
 @torch.no_grad()
@@ -367,11 +310,11 @@ def score_texts(
     sequences = [model.encode(p, r, tokenizer) for p, r in zip(prompts, responses, strict=True)]
     out = []
     for first in range(0, len(sequences), batch_size):
-        input_ids, attention_mask = right_padded(
+        batch = build_batch(
             sequences[first : first + batch_size], tokenizer.pad_token_id, placement.device
         )
         with placement.autocast():
-            out.append(model(input_ids, attention_mask).float().cpu())
+            out.append(model(batch.input_ids, batch.attention_mask).float().cpu())
     model.train(was_training)
     rewards = torch.cat(out)
     return model.normalize(rewards) if normalized else rewards

@@ -39,7 +39,7 @@ from phf.signals import Interrupted, StopSignals
 from phf.stages.common import resolve_sweep_references
 from phf.stages.dpo import DPOStage
 from phf.stages.grpo import GRPOStage, RLOOStage
-from phf.stages.loop import read_run_state, run_stage
+from phf.stages.loop import Stage, read_run_state, run_stage
 from phf.stages.ppo import PPOStage
 from phf.stages.pretrain import PretrainStage
 from phf.stages.reward import RewardStage
@@ -58,9 +58,10 @@ from phf.tracking.run import source_tags
 
 log = logging.getLogger(__name__)
 
-# objective.stage -> the stage it runs. Only stages that exist are listed; the Stage enum in
-# phf/config.py makes Hydra refuse any other value at compose time.
-STAGES = {
+# objective.stage -> the stage it runs (each stage class describes itself: title, config
+# section, model references, how it shares a batch). The Stage enum in phf/config.py makes
+# Hydra refuse any other value at compose time.
+STAGES: dict[str, type[Stage]] = {
     "pretrain": PretrainStage,
     "reward": RewardStage,
     "ppo": PPOStage,
@@ -69,15 +70,8 @@ STAGES = {
     "grpo": GRPOStage,
     "rloo": RLOOStage,
 }
-STAGE_TITLES = {
-    "pretrain": "PHF pretraining",
-    "reward": "Reward model",
-    "ppo": "PPO",
-    "sft": "Supervised finetuning",
-    "dpo": "DPO",
-    "grpo": "GRPO",
-    "rloo": "RLOO",
-}
+# Every stage's own config section: a run logs only its own as params.
+STAGE_SECTIONS = tuple(stage.section for stage in STAGES.values() if stage.section)
 
 register_schemas()
 
@@ -93,7 +87,7 @@ def stage_name(cfg: DictConfig) -> str:
     return getattr(stage, "value", stage)
 
 
-def run_description(cfg: DictConfig, stage: str) -> str:
+def run_description(cfg: DictConfig, stage: type[Stage]) -> str:
     """The run's description on its MLflow page: what it trains, on what, from what."""
     start = (
         f"from `{cfg.model.pretrained}`"
@@ -101,7 +95,7 @@ def run_description(cfg: DictConfig, stage: str) -> str:
         else f"from a randomly initialised `{cfg.model.name}` model"
     )
     return (
-        f"**{STAGE_TITLES[stage]}**, objective `{cfg.objective.name}`, task `{cfg.task.name}` "
+        f"**{stage.title}**, objective `{cfg.objective.name}`, task `{cfg.task.name}` "
         f"(dataset `{cfg.task.dataset}`), {start}; seed {cfg.seed}. The config is the "
         "`config.yaml` artifact; the x axis of the charts is the step (optimizer step or "
         "iteration): pick the metric `tokens_seen` (or `episodes`, `comparisons_seen`) to plot "
@@ -160,18 +154,30 @@ def execute_run(
 ) -> float:
     """execute() without the outer guard of a multirun job."""
     validate_config(cfg)  # before any model is built or MLflow run opened
-    stage = stage_name(cfg)
+    stage = STAGES[stage_name(cfg)]
     seed_everything(cfg.seed)
     with StopSignals() as signals:
         if not init_distributed().is_main:
-            # A data-parallel process other than rank 0: it trains, rank 0 records.
-            return run_stage(STAGES[stage], cfg, NullTracker(), output_dir, None, signals)
+            # A data-parallel process other than rank 0: it trains, rank 0 records (and hands
+            # it the model references it resolved, in run_stage).
+            return run_stage(stage, cfg, NullTracker(), output_dir, None, signals)
         sweep = read_sweep(Path(job["sweep_dir"])) if job else None
         if job is not None and sweep is None:
             raise SweepError(
                 f"multirun job {job['job_num']} finds no sweep record in {job['sweep_dir']}: "
                 "its parent MLflow run was not created, so the job would run unnested"
             )
+        # Fails here, before any work, if the tracking server is down.
+        tracker = Tracker(cfg, output_dir, experiment=sweep["experiment"] if sweep else None)
+        # Earlier runs this one builds on (sweep:<objective> becomes runs:/<id>/model), resolved
+        # before the run opens: the config it logs, and checkpoints, is the one it runs.
+        lineage = resolve_sweep_references(
+            cfg,
+            stage.model_references,
+            tracker.client,
+            tracker.experiment_name,
+            job["sweep_dir"] if job else None,
+        )
         checkpoint = resumable_checkpoint(cfg, output_dir)
         resumed_run_id = checkpoint_info(checkpoint).get("mlflow_run_id") if checkpoint else None
         finished = read_run_state(output_dir)
@@ -188,14 +194,12 @@ def execute_run(
                 resumed_run_id,
                 checkpoint.name,
             )
-            Tracker(cfg, output_dir).send_unrecorded(resumed_run_id)
+            tracker.send_unrecorded(resumed_run_id)
             return float(finished.get("headline", float("nan")))
-        # Fails here, before any work, if the tracking server is down.
-        tracker = Tracker(cfg, output_dir, experiment=sweep["experiment"] if sweep else None)
         tags = {
             "task": cfg.task.name,
             "objective": cfg.objective.name,
-            "stage": stage,
+            "stage": stage.name,
             "model": cfg.model.name,
             "seed": str(cfg.seed),
             "output_dir": str(output_dir.resolve()),
@@ -215,16 +219,15 @@ def execute_run(
             with tracker.run(
                 cfg.tracking.run_name or default_name,
                 tags,
-                stage_params(cfg),
+                stage_params(cfg, stage.section, STAGE_SECTIONS),
                 {"hydra/overrides.yaml": overrides_yaml},
                 run_description(cfg, stage),
                 resume_run_id=resumed_run_id,
             ):
                 log.info("output directory: %s", output_dir)
-                # Earlier runs this one builds on (sweep:<objective> becomes runs:/<id>/model),
-                # recorded so that the MLflow UI links each run of a pipeline to the next.
-                tracker.record_lineage(resolve_sweep_references(cfg, stage, tracker))
-                return run_stage(STAGES[stage], cfg, tracker, output_dir, checkpoint, signals)
+                # The MLflow UI links each run of a pipeline to the runs it builds on.
+                tracker.record_lineage(lineage)
+                return run_stage(stage, cfg, tracker, output_dir, checkpoint, signals)
         except Exception:
             if job is None:
                 raise

@@ -63,13 +63,16 @@ class SamplingConstraint:
         return logits
 
 
-def draw(logits: torch.Tensor) -> torch.Tensor:
+def draw(logits: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of ``logits`` [rows, vocab], by inverse CDF: the first token whose
-    cumulative probability exceeds a uniform draw scaled to the row's total. The scaled draw is
-    kept strictly below the total, so a token of probability 0 is never drawn."""
+    cumulative probability exceeds a uniform draw (``uniform`` [rows], else drawn here) scaled
+    to the row's total. The scaled draw is kept strictly below the total, so a token of
+    probability 0 is never drawn."""
     cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
     total = cdf[:, -1:]
-    target = torch.rand(total.shape, device=logits.device) * total
+    if uniform is None:
+        uniform = torch.rand(total.shape, device=logits.device)
+    target = uniform.reshape(total.shape).to(total.device) * total
     target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, target, right=True)
 
@@ -133,10 +136,15 @@ def sample(
     stop_id: int | None,
     pad_id: int,
     placement: Placement,
+    uniforms: torch.Tensor | None = None,
 ) -> Sampled:
     """Up to ``max_new_tokens`` tokens per left-padded prompt row, sampled from ``model`` under
     ``constraint``; a row ends at ``stop_id`` (kept) and is padded after it, and the loop ends
-    early once every row has ended. The caller puts the model in eval mode."""
+    early once every row has ended. ``uniforms`` [rows, max_new_tokens] are the uniform numbers
+    each row's tokens are drawn with (a row's tokens then depend on its own numbers only, not
+    on which other rows share the batch: what makes N data-parallel processes sample one
+    process's rollout); without them the global RNG draws. The caller puts the model in eval
+    mode."""
     rows, width = input_ids.shape
     device = input_ids.device
     mask = torch.cat(
@@ -159,7 +167,7 @@ def sample(
     generated = 0
     for step in range(max_new_tokens):
         logits = constraint.apply(output.logits[:, -1], first_position=step)
-        token = draw(logits)  # [rows, 1]
+        token = draw(logits, None if uniforms is None else uniforms[:, step])  # [rows, 1]
         chosen = torch.log_softmax(logits, dim=-1).gather(1, token).squeeze(1)
         tokens[:, step] = torch.where(running, token.squeeze(1), pad_id)
         logprobs[:, step] = torch.where(running, chosen, 0.0)

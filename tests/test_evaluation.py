@@ -17,7 +17,7 @@ from phf.evaluation import (
     sequence_logprobs,
 )
 from phf.hardware import Placement
-from phf.objectives import MLE, next_token_nll
+from phf.losses.lm import MLE, next_token_nll
 from phf.tokenizer import load_tokenizer
 
 CPU = Placement(device=torch.device("cpu"), dtype=torch.float32)

@@ -12,7 +12,7 @@ import torch
 from phf.data.blocks import control_token_ids
 from phf.evaluation import GenerationControls, generate_samples
 from phf.hardware import Placement
-from phf.objectives import AWR, MLE, Unlikelihood, build_objective
+from phf.losses.lm import AWR, MLE, Unlikelihood, build_objective
 from phf.stages.common import generation_controls
 from phf.stages.pretrain import PretrainStage
 from phf.tokenizer import load_tokenizer

@@ -21,7 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from phf.data.corpus import iter_documents
 from phf.data.examples import Example, encode_example, padded
 from phf.data.preferences import Comparison, as_pairs, builtin_comparisons, load_comparisons
-from phf.dpo import chosen_nll, preference_loss, preference_metrics, response_logprobs
+from phf.losses.preference import chosen_nll, preference_loss, preference_metrics, response_logprobs
 from phf.hardware import Placement
 from phf.lora import base_weights, merged, trainable, with_lora
 from phf.run import execute

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from phf.data.corpus import DatasetError
 from phf.data.prompts import online_prompts, rows_prompts
-from phf.grpo import (
+from phf.losses.group import (
     aggregate,
     clipped_objective,
     group_advantages,

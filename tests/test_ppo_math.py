@@ -1,4 +1,4 @@
-"""PPO's arithmetic (phf/ppo.py) against hand computations: masked statistics, the per-token
+"""PPO's arithmetic (phf/losses/ppo.py) against hand computations: masked statistics, the per-token
 KL penalty and sequence reward, GAE under either padding side, the clipped losses, entropy and
 the KL coefficient's controllers."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from phf.models import last_token_index
-from phf.ppo import (
+from phf.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
     entropy_from_logits,

@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from phf.data.corpus import DatasetError, iter_documents
 from phf.data.preferences import builtin_comparisons, parse_row, split_rows
+from phf.sequences import Batch, build_batch
 
 log = logging.getLogger(__name__)
 
@@ -91,28 +92,18 @@ def encode_example(
     return None if encoded is None else encoded[0]
 
 
-def padded(
+def example_batch(
     examples: Sequence[Example],
     pad_id: int,
     device: torch.device,
     left: bool = False,
     loss_on_prompt: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, attention_mask and response_mask [n, longest], padded on the right (or the
-    left): the response mask is 1 on the response's tokens and its final EOS (on every real
-    token after the first EOS with ``loss_on_prompt``), 0 on the prompt and on padding."""
-    width = max(len(e.ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    response = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, example in enumerate(examples):
-        n = len(example.ids)
-        offset = width - n if left else 0
-        input_ids[i, offset : offset + n] = torch.tensor(example.ids)
-        attention[i, offset : offset + n] = 1
-        start = 1 if loss_on_prompt else example.response_start
-        response[i, offset + start : offset + n] = 1
-    return input_ids.to(device), attention.to(device), response.to(device)
+) -> Batch:
+    """The examples as one padded batch (phf/sequences.py), on the right (or the left), whose
+    counted tokens are each response and its final EOS (every real token after the first EOS
+    with ``loss_on_prompt``)."""
+    starts = [1 if loss_on_prompt else e.response_start for e in examples]
+    return build_batch([e.ids for e in examples], pad_id, device, left=left, counted_from=starts)
 
 
 def sft_texts(sft: DictConfig, task: DictConfig, split: str, seed: int) -> list[tuple[str, str]]:

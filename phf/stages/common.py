@@ -4,7 +4,6 @@ references to earlier runs of the same multirun."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -27,7 +26,7 @@ from phf.data.blocks import control_token_ids, objective_blocks
 from phf.data.corpus import split_source
 from phf.data.prompts import scenario_prompts
 from phf.data.store import TokenStore, default_cache_dir, ensure_store
-from phf.distributed import DistributedContext, all_reduce_sum
+from phf.distributed import DistributedContext
 from phf.evaluation import NO_CONTROLS, Evaluator, GenerationControls, KLReference
 from phf.hardware import Placement
 from phf.lora import is_lora, load_adapters, merged, save_adapters
@@ -42,44 +41,35 @@ log = logging.getLogger(__name__)
 # that a later run can start from runs:/<run id>/model whatever stage wrote it.
 MODEL_ARTIFACT = "model"
 
-# The config keys each stage reads that may name an earlier run's model. Only these are
-# resolved: a pipeline's shared config may set ppo.reward_model=sweep:reward, which the MLE run
-# that comes before the reward run must not wait for.
-MODEL_REFERENCES = {
-    "pretrain": ("model.pretrained", "eval.kl_reference"),
-    "reward": ("model.pretrained", "reward.normalization_policy"),
-    "ppo": ("model.pretrained", "ppo.reward_model", "eval.kl_reference"),
-    "sft": ("model.pretrained", "eval.kl_reference"),
-    "dpo": ("model.pretrained", "dpo.policy", "dpo.reference", "eval.kl_reference"),
-    "grpo": ("model.pretrained", "grpo.reward_model", "eval.kl_reference"),
-    "rloo": ("model.pretrained", "rloo.reward_model", "eval.kl_reference"),
-}
-
-
-def resolve_sweep_references(cfg: DictConfig, stage: str, tracker: Tracker) -> dict[str, str]:
-    """Replace every ``sweep:<objective>`` among the stage's MODEL_REFERENCES by
-    ``runs:/<id>/model`` of that objective's run (same multirun, same seed), waiting for it to
-    finish; a reference to this run's own objective becomes null (it is that run). Returns the
-    resolved references that name MLflow runs, {key: uri}, for the run's lineage tags."""
+def resolve_sweep_references(
+    cfg: DictConfig,
+    references: tuple[str, ...],
+    client: Any,
+    experiment_name: str,
+    sweep_dir: str | None,
+) -> dict[str, str]:
+    """Replace every ``sweep:<objective>`` among the stage's ``references`` (config keys that
+    may name an earlier run's model; only these are resolved: a pipeline's shared config may
+    set ppo.reward_model=sweep:reward, which the MLE run before the reward run must not wait
+    for) by ``runs:/<id>/model`` of that objective's run (same multirun, same seed), waiting
+    for it to finish; a reference to this run's own objective becomes null (it is that run).
+    Called before the run's MLflow run opens, so that the config it logs is the one it runs.
+    Returns the resolved references that name MLflow runs, {key: uri}, for the run's lineage
+    tags."""
     timeout_s = 60.0 * cfg.eval.kl_reference_timeout_min
     lineage = {}
-    for key in MODEL_REFERENCES[stage]:
+    for key in references:
         source = OmegaConf.select(cfg, key)
         if isinstance(source, str) and source.startswith("sweep:"):
             objective = source.removeprefix("sweep:")
             if objective == cfg.objective.name:
                 log.info("%s=%s names this run's own objective: null", key, source)
                 source = None
-            elif tracker.sweep_dir is None:
+            elif sweep_dir is None:
                 raise ValueError(f"{key}={source} needs a multirun (phf -m ...)")
             else:
                 run_id = wait_for_sweep_run(
-                    tracker.client,
-                    tracker.experiment_name,
-                    tracker.sweep_dir,
-                    objective,
-                    cfg.seed,
-                    timeout_s,
+                    client, experiment_name, sweep_dir, objective, cfg.seed, timeout_s
                 )
                 source = f"runs:/{run_id}/{MODEL_ARTIFACT}"
             OmegaConf.update(cfg, key, source, force_add=False)
@@ -267,33 +257,6 @@ class EpochShuffle:
     def load_state(self, state: dict[str, Any]) -> None:
         self.order = state["order"].tolist()
         set_python_rng_state(state["rng"], self.rng)
-
-
-def accumulate(
-    network: torch.nn.Module,
-    pieces: list[Any],
-    piece_loss: Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]],
-    denominator: float,
-    distributed: DistributedContext,
-) -> dict[str, float]:
-    """Forward and backward this process's pieces (micro-batches) of a global batch, so that the
-    gradient is that of (sum of the losses over the whole batch) / ``denominator`` however many
-    processes share it (DDP averages over them; gradients are synchronised on the last piece
-    only). ``piece_loss(piece)`` gives the piece's loss sum and metric sums. Returns the sums
-    over all processes, ``loss`` included."""
-    sums: dict[str, torch.Tensor] = {}
-    no_sync = getattr(network, "no_sync", None)
-    for index, piece in enumerate(pieces):
-        last = index == len(pieces) - 1
-        with contextlib.nullcontext() if last or no_sync is None else no_sync():
-            loss_sum, metrics = piece_loss(piece)
-            (loss_sum * distributed.world_size / denominator).backward()
-        for name, value in {"loss": loss_sum.detach(), **metrics}.items():
-            sums[name] = sums.get(name, 0.0) + value.detach().float()
-    names = sorted(sums)
-    totals = torch.stack([torch.as_tensor(sums[n]).reshape(()) for n in names])
-    totals = all_reduce_sum(totals, distributed)
-    return dict(zip(names, totals.tolist(), strict=True))
 
 
 def process_share(items: list[Any], distributed: DistributedContext) -> list[Any]:

@@ -6,7 +6,8 @@ its base weights with the adapters switched off, no second copy), the pairs of b
 same data the reward stage reads: a best-of-N row gives N - 1 pairs), the reference's
 log-probabilities of every pair computed once, then one optimizer step:
 policy log-probabilities of chosen and rejected responses (summed over response tokens only)
-and the loss of phf/dpo.py, the mean over the global batch's pairs under data parallelism too.
+and the loss of phf/losses/preference.py, the mean over the global batch's pairs (under data
+parallelism too).
 ``dpo.rpo_alpha`` adds the chosen side's negative log-likelihood per token (RPO). Metrics are
 TRL's (``rewards/chosen``, ``rewards/accuracies``, ``logps/rejected``, ``nll_loss``, ...); the
 evaluation adds them on the test pairs (``eval/rewards/accuracies``, ...) to the shared one,
@@ -22,20 +23,19 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM
 
-from phf.data.examples import EncodingCounts, Example, encode_responses, padded
+from phf.data.examples import EncodingCounts, Example, encode_responses, example_batch
 from phf.data.preferences import as_pairs, load_comparisons
 from phf.distributed import DistributedContext
-from phf.dpo import chosen_nll, preference_loss, preference_metrics, response_logprobs
 from phf.evaluation import Evaluator
 from phf.hardware import Placement
 from phf.lora import base_weights, with_lora
-from phf.models import load_model_and_tokenizer, position_ids, resolve_source
+from phf.losses.preference import chosen_nll, dpo_loss, dpo_metrics
+from phf.models import load_model_and_tokenizer, resolve_source
+from phf.sequences import batched_continuation_logprobs, continuation_logprobs
 from phf.stages.common import (
     EpochShuffle,
-    accumulate,
     build_evaluator,
     kl_from_start,
     process_share,
@@ -44,11 +44,11 @@ from phf.stages.common import (
     save_policy,
     scenario_tables,
 )
-from phf.stages.loop import NonFiniteLossError, Tables
-from phf.stages.pretrain import adamw, schedule
+from phf.stages.loop import Tables
 from phf.stages.sft import example_datasets
 from phf.tokenizer import load_tokenizer
 from phf.tracking import Tracker
+from phf.training import Optimization, check_divisible, training_network
 
 log = logging.getLogger(__name__)
 
@@ -73,35 +73,23 @@ def encode_pairs(
     return pairs
 
 
-@torch.no_grad()
 def logprobs_of(
     model: torch.nn.Module, examples: list[Example], pad_id: int, placement: Placement, batch: int
 ) -> torch.Tensor:
-    """log pi(response | prompt) of each example [n], on the CPU."""
-    was_training = model.training
-    model.eval()
-    out = [
-        sequence_logprobs(model, examples[i : i + batch], pad_id, placement).cpu()
-        for i in range(0, len(examples), batch)
-    ]
-    model.train(was_training)
-    return torch.cat(out)
-
-
-def sequence_logprobs(
-    model: torch.nn.Module, examples: list[Example], pad_id: int, placement: Placement
-) -> torch.Tensor:
-    input_ids, attention, response = padded(examples, pad_id, placement.device)
-    with placement.autocast():
-        logits = model(
-            input_ids=input_ids, attention_mask=attention, position_ids=position_ids(attention)
-        ).logits
-    return response_logprobs(logits, input_ids, response)
+    """log pi(response | prompt) of each example [n], on the CPU, ``batch`` at a time."""
+    rows = [e.ids for e in examples]
+    starts = [e.response_start for e in examples]
+    return batched_continuation_logprobs(model, rows, starts, pad_id, batch, placement)
 
 
 class DPOStage:
     """A policy, its reference's cached log-probabilities and the pairs (module docstring)."""
 
+    name = "dpo"
+    title = "DPO"
+    section = "dpo"
+    model_references = ("model.pretrained", "dpo.policy", "dpo.reference", "eval.kl_reference")
+    data_parallel = "each process trains on its share of every global batch of pairs"
     progress_metric = "pairs_seen"
     progress_label = "pairs"
     rate_metric = "train/pairs_per_s"
@@ -111,11 +99,7 @@ class DPOStage:
         self, cfg: DictConfig, placement: Placement, distributed: DistributedContext
     ) -> None:
         dpo, train = cfg.dpo, cfg.train
-        if train.batch_size % distributed.world_size:
-            raise ValueError(
-                f"train.batch_size={train.batch_size} must be a multiple of the "
-                f"{distributed.world_size} data-parallel processes"
-            )
+        check_divisible("train.batch_size", train.batch_size, distributed, "pairs of a step")
         if cfg.model.pretrained is None and dpo.policy is None:
             raise ValueError(
                 "objective=dpo optimises a pretrained policy: set model.pretrained (or "
@@ -151,14 +135,7 @@ class DPOStage:
             if len(self.tokenizer) > reference.get_input_embeddings().num_embeddings:
                 reference.resize_token_embeddings(len(self.tokenizer))
         self.model = with_lora(model, cfg.model.lora, "CAUSAL_LM")
-        self.network = (
-            DistributedDataParallel(
-                self.model,
-                device_ids=[placement.device.index] if placement.device.type == "cuda" else None,
-            )
-            if distributed.enabled
-            else self.model
-        )
+        self.network = training_network(self.model, cfg.hardware, placement, distributed)
         overlong = str(getattr(dpo.overlong, "value", dpo.overlong))
         self.train_pairs = encode_pairs(
             load_comparisons(dpo, cfg.task, dpo.train_split, cfg.seed, "dpo.dataset"),
@@ -185,8 +162,9 @@ class DPOStage:
         del reference
         steps_per_epoch = math.ceil(len(self.train_pairs) / train.batch_size)
         self.max_steps = train.max_steps or max(1, math.ceil(dpo.epochs * steps_per_epoch))
-        self.optimizer = adamw([self.model], train, placement)
-        self.scheduler = schedule(self.optimizer, train, self.max_steps)
+        self.optimization = Optimization(
+            [self.model], train, placement, self.max_steps, distributed, "DPO"
+        )
         self.shuffle = EpochShuffle(len(self.train_pairs), cfg.seed)
         self.steps_done, self.progress = 0, 0
         log.info(
@@ -230,12 +208,11 @@ class DPOStage:
         over chosen and rejected responses together."""
         dpo = self.cfg.dpo
         examples = [e for pair in pairs for e in pair]
-        logps = sequence_logprobs(
-            model, examples, self.tokenizer.pad_token_id, self.placement
-        ).view(-1, 2)
+        batch = example_batch(examples, self.tokenizer.pad_token_id, self.placement.device)
+        logps = continuation_logprobs(model, batch, self.placement).view(-1, 2)
         reference = reference.to(logps.device)
         args = (logps[:, 0], logps[:, 1], reference[:, 0], reference[:, 1])
-        losses = preference_loss(
+        losses = dpo_loss(
             *args,
             float(dpo.beta),
             str(getattr(dpo.loss_type, "value", dpo.loss_type)),
@@ -246,7 +223,7 @@ class DPOStage:
         nll = chosen_nll(logps[:, 0], lengths.to(logps.device))
         if dpo.rpo_alpha:
             losses = losses + float(dpo.rpo_alpha) * nll
-        metrics = preference_metrics(*args, float(dpo.beta))
+        metrics = dpo_metrics(*args, float(dpo.beta))
         return losses.sum(), metrics | {"nll_loss": nll.detach().sum()}
 
     def step(self) -> dict[str, Any]:
@@ -261,26 +238,13 @@ class DPOStage:
             pairs = [self.train_pairs[i] for i in piece]
             return self.pair_terms(self.network, pairs, self.reference_train[piece])
 
-        sums = accumulate(self.network, pieces, piece_loss, len(indices), self.distributed)
+        sums = self.optimization.accumulate(self.network, pieces, piece_loss, len(indices))
         metrics = {name: value / len(indices) for name, value in sums.items()}
         loss = metrics.pop("loss")
-        if not math.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"the DPO loss is {loss} at step {self.steps_done + 1}; lower train.lr"
-            )
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.requires_grad],
-            cfg.train.max_grad_norm,
-            foreach=True,
-        )
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        update = self.optimization.step(loss, f"step {self.steps_done + 1}")
         self.steps_done += 1
         self.progress += len(indices)
-        return metrics | {"train/loss": loss, "train/grad_norm": float(grad_norm), "train/lr": lr}
+        return metrics | {"train/loss": loss} | update
 
     @torch.no_grad()
     def pair_metrics(self) -> dict[str, float]:
@@ -312,15 +276,12 @@ class DPOStage:
         return {
             "step": self.steps_done,
             "progress": self.progress,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "shuffle": self.shuffle.state(),
-        }
+        } | self.optimization.state()
 
     def restore(self, directory: Path, state: dict[str, Any]) -> None:
         restore_policy(self.model, directory)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimization.load_state(state)
         self.shuffle.load_state(state["shuffle"])
         self.steps_done, self.progress = state["step"], state["progress"]
 

@@ -4,7 +4,7 @@ Both sample ``num_generations`` responses per prompt (``rollout_batch_size`` res
 iteration, whole groups), score them with the shared reward (phf/stages/online.py: a scorer,
 weighted scorers, or a reward model), and take ``num_iterations`` passes of clipped token-level
 ratio updates over minibatches, without a value model. They differ in the advantage and where
-the KL to the frozen reference goes (phf/grpo.py):
+the KL to the frozen reference goes (phf/losses/group.py):
 
 - GRPO: advantage (r - group mean) / (group std + eps) (``grpo.scale_rewards=false``: r - group
   mean), the k3 KL estimator in the loss, weighted by ``grpo.beta`` (0: no reference is kept),
@@ -19,6 +19,11 @@ samples, across every method).
 
 With one iteration the ratio is exactly 1 (the old log-probabilities are the current ones,
 detached): no extra forward pass; RLOO's KL then uses the log-probabilities sampling computed.
+Under data parallelism each process samples, scores and runs the forward passes of whole
+groups (its share of the rollout's prompts); the rollout is gathered, so that group baselines,
+RLOO's advantage whitening and every logged mean are the global batch's, and each process
+updates on its share of every minibatch (phf/stages/online.py).
+
 Metrics carry TRL's names: ``reward``, ``reward_std``,
 ``completions/mean_length``, ``completions/clipped_ratio``, ``clip_ratio``, ``entropy``.
 """
@@ -36,20 +41,20 @@ import torch
 from omegaconf import DictConfig
 
 from phf.distributed import DistributedContext
-from phf.grpo import (
+from phf.hardware import Placement
+from phf.losses.group import (
     aggregate,
+    aggregation_weight,
     clipped_objective,
     group_advantages,
     group_std,
     k3_kl,
     leave_one_out_advantages,
-    piece_share,
 )
-from phf.hardware import Placement
-from phf.ppo import masked_mean, masked_whiten
-from phf.stages.loop import NonFiniteLossError
-from phf.stages.online import OnlineStage, Responses, forward_response, generate_responses
-from phf.stages.pretrain import adamw, schedule
+from phf.losses.ppo import masked_mean, masked_whiten
+from phf.stages.common import process_share
+from phf.stages.online import OnlineStage, ResponseForward, Responses, forward_response
+from phf.training import Optimization, check_divisible, training_network
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +63,16 @@ class GroupStage(OnlineStage, abc.ABC):
     """What GRPO and RLOO share; subclasses give ``advantages``, the clip range and the loss's
     KL term."""
 
-    def __init__(self, cfg: DictConfig, placement: Placement) -> None:
+    def __init__(
+        self, cfg: DictConfig, placement: Placement, distributed: DistributedContext
+    ) -> None:
         settings, train = cfg[self.section], cfg.train
-        keep_reference = self.needs_reference(settings)
-        policy, tokenizer, reference = self.load_policy(cfg, settings, placement, keep_reference)
-        super().__init__(cfg, placement, policy, tokenizer, reference)
-        self.keeps_reference = keep_reference
-        self.check_lengths()
-        self.group = int(settings.num_generations)
-        self.max_steps = train.max_steps or math.ceil(
-            settings.total_episodes / settings.rollout_batch_size
+        groups = settings.rollout_batch_size // settings.num_generations
+        check_divisible(
+            f"{self.section}.rollout_batch_size / num_generations",
+            groups,
+            distributed,
+            "groups of a rollout (whole groups on each process)",
         )
         mini = settings.mini_batch_size or settings.rollout_batch_size
         if settings.rollout_batch_size % mini:
@@ -75,10 +80,23 @@ class GroupStage(OnlineStage, abc.ABC):
                 f"{self.section}.rollout_batch_size={settings.rollout_batch_size} must be a "
                 f"multiple of {self.section}.mini_batch_size={mini}"
             )
+        check_divisible(f"{self.section}.mini_batch_size", mini, distributed, "minibatches")
+        keep_reference = self.needs_reference(settings)
+        policy, tokenizer, reference = self.load_policy(cfg, settings, placement, keep_reference)
+        super().__init__(cfg, placement, distributed, policy, tokenizer, reference)
+        self.keeps_reference = keep_reference
+        self.check_lengths()
+        self.group = int(settings.num_generations)
+        self.max_steps = train.max_steps or math.ceil(
+            settings.total_episodes / settings.rollout_batch_size
+        )
         self.mini_batch_size = mini
         updates = self.max_steps * settings.num_iterations * (settings.rollout_batch_size // mini)
-        self.optimizer = adamw([self.policy], train, placement)
-        self.scheduler = schedule(self.optimizer, train, updates)
+        forward = ResponseForward(policy, None, self.constraint, placement)
+        self.optimization = Optimization(
+            [forward], train, placement, updates, distributed, self.section.upper()
+        )
+        self.network = training_network(forward, cfg.hardware, placement, distributed)
         log.info(
             "%s: policy %.2fM parameters on %s (%s); reward: %s; %d iterations x %d prompts x "
             "%d responses, %d update(s) of %d episodes each",
@@ -98,11 +116,7 @@ class GroupStage(OnlineStage, abc.ABC):
     def build(
         cls, cfg: DictConfig, placement: Placement, distributed: DistributedContext
     ) -> GroupStage:
-        if distributed.enabled:
-            raise ValueError(
-                f"objective={cls.section} trains in one process; launch it without torchrun"
-            )
-        return cls(cfg, placement)
+        return cls(cfg, placement, distributed)
 
     # ------------------------------------------------------------------ subclasses
 
@@ -136,28 +150,23 @@ class GroupStage(OnlineStage, abc.ABC):
 
     # ------------------------------------------------------------------ the step
 
-    def rollout(self) -> tuple[list[str], Responses, torch.Tensor]:
-        """``rollout_batch_size // group`` prompts, each ``group`` times in a row."""
-        settings = self.settings
+    def rollout(
+        self,
+    ) -> tuple[list[str], Responses, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``rollout_batch_size // group`` prompts, each ``group`` times in a row; this
+        process samples, scores and runs the no-gradient forward passes of its whole groups,
+        then the rollout is gathered: (prompts, responses, scores, the sampling policy's
+        log-probabilities as the training forward computes them (only with more than one
+        iteration), the reference's)."""
+        settings, placement = self.settings, self.placement
         prompts = self.draw_prompts(settings.rollout_batch_size // self.group)
         repeated = [p for p in prompts for _ in range(self.group)]
-        generated = generate_responses(
-            self.policy, self.tokenizer, repeated, self.stop_id, settings, self.placement
-        )
-        with torch.no_grad():
-            scores = self.scores(repeated, generated)
-        return repeated, generated, scores
-
-    def step(self) -> dict[str, Any]:
-        settings, placement = self.settings, self.placement
-        start = time.perf_counter()
-        self.ensure_normalized_reward()
-        prompts, generated, scores = self.rollout()
-        mask = generated.mask
-        batch = (generated.query_ids, generated.query_mask, generated.response_ids, mask)
+        mine, generated = self.sample_share(repeated, self.section)
+        batch = (generated.query_ids, generated.query_mask, generated.response_ids, generated.mask)
         constraint = (self.constraint, placement)
         self.policy.eval()
         with torch.no_grad():
+            scores = self.scores(mine, generated)
             # Ratios from the second update on need the sampling policy's log-probabilities as
             # the training forward computes them (a ratio of exactly 1 at the first update);
             # RLOO's KL takes them as sampling computed them (no extra forward pass).
@@ -168,65 +177,65 @@ class GroupStage(OnlineStage, abc.ABC):
                 )
             ref = self.reference_logprobs(*batch, *constraint) if self.keeps_reference else None
         self.policy.train()
+        return (
+            repeated,
+            generated.gathered(self.distributed, self.tokenizer.pad_token_id),
+            self.gather(scores),
+            None if old is None else self.gather(old),
+            None if ref is None else self.gather(ref),
+        )
+
+    def step(self) -> dict[str, Any]:
+        settings = self.settings
+        start = time.perf_counter()
+        self.ensure_normalized_reward()
+        prompts, generated, scores, old, ref = self.rollout()
+        mask = generated.mask
+        batch = (generated.query_ids, generated.query_mask, generated.response_ids, mask)
         sampling = old if old is not None else generated.logprobs
         advantages, extra = self.advantages(scores, sampling, ref, mask)
+        loss_type = self.loss_type()
+        epsilon_low, epsilon_high = self.clip_range()
 
-        sums: dict[str, float] = {}
-        sequence_kl = 0.0
+        def piece_loss(piece: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            piece_mask = mask[piece]
+            logprobs, _, entropy = self.network(*(part[piece] for part in batch), True)
+            piece_old = logprobs.detach() if old is None else old[piece]
+            per_token, clipped = clipped_objective(
+                logprobs, piece_old, advantages[piece], epsilon_low, epsilon_high
+            )
+            kl = self.kl_penalty(logprobs, ref[piece]) if ref is not None else None
+            if kl is not None:
+                per_token = per_token + kl
+            weight = aggregation_weight(loss_type, piece_mask)
+            loss = aggregate(per_token, piece_mask, loss_type, settings.response_length)
+            metrics = {
+                "clip_ratio": masked_mean(clipped.float(), piece_mask),
+                "entropy": masked_mean(entropy, piece_mask),
+            }
+            if kl is not None:
+                metrics["train/kl_k3"] = masked_mean(kl.detach(), piece_mask)
+            # Weighted, so that the micro-batches of every process add up to the minibatch's.
+            return loss * weight, {name: value * weight for name, value in metrics.items()}
+
+        means: dict[str, Any] = {}
         updates = 0
         micro = self.cfg.hardware.micro_batch_size
-        epsilon_low, epsilon_high = self.clip_range()
         for iteration in range(settings.num_iterations):
-            order = torch.randperm(settings.rollout_batch_size)
+            order = torch.randperm(
+                settings.rollout_batch_size, generator=self.generator("order", iteration)
+            )
             for minibatch in order.split(self.mini_batch_size):
-                for piece in minibatch.split(micro):
-                    logprobs, _, entropy = forward_response(
-                        self.policy,
-                        None,
-                        *(part[piece] for part in batch),
-                        *constraint,
-                    )
-                    piece_old = logprobs.detach() if old is None else old[piece]
-                    per_token, clipped = clipped_objective(
-                        logprobs, piece_old, advantages[piece], epsilon_low, epsilon_high
-                    )
-                    piece_mask = mask[piece]
-                    kl = self.kl_penalty(logprobs, ref[piece]) if ref is not None else None
-                    if kl is not None:
-                        per_token = per_token + kl
-                    if ref is not None and iteration == 0:  # the sampling policy's KL
-                        drift = (logprobs.detach() - ref[piece]) * piece_mask
-                        sequence_kl += float(drift.sum())
-                    loss = aggregate(
-                        per_token, piece_mask, self.loss_type(), settings.response_length
-                    )
-                    share = piece_share(self.loss_type(), piece_mask, mask[minibatch])
-                    if not torch.isfinite(loss):
-                        self.optimizer.zero_grad(set_to_none=True)
-                        raise NonFiniteLossError(
-                            f"the {self.section.upper()} loss is {float(loss.detach())} at "
-                            f"iteration {self.steps_done + 1}; lower train.lr"
-                        )
-                    (loss * share).backward()
-                    weight = len(piece) / settings.rollout_batch_size / settings.num_iterations
-                    with torch.no_grad():
-                        piece_metrics = {
-                            "loss": float(loss.detach()),
-                            "clip_ratio": float(masked_mean(clipped.float(), piece_mask)),
-                            "entropy": float(masked_mean(entropy, piece_mask)),
-                        }
-                        if kl is not None:
-                            piece_metrics["train/kl_k3"] = float(masked_mean(kl, piece_mask))
-                    for name, value in piece_metrics.items():
-                        sums[name] = sums.get(name, 0.0) + value * weight
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.policy.parameters() if p.requires_grad],
-                    self.cfg.train.max_grad_norm,
-                    foreach=True,
+                mine = torch.tensor(process_share(minibatch.tolist(), self.distributed))
+                total = float(aggregation_weight(loss_type, mask[minibatch]))
+                sums = self.optimization.accumulate(
+                    self.network, mine.split(micro), piece_loss, total
                 )
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                update = self.optimization.step(
+                    sums["loss"] / total, f"iteration {self.steps_done + 1}"
+                )
+                for name, value in ({k: v / total for k, v in sums.items()} | update).items():
+                    means[name] = means.get(name, 0.0) + value
                 updates += 1
 
         self.steps_done += 1
@@ -234,37 +243,36 @@ class GroupStage(OnlineStage, abc.ABC):
         self.remember_rollout(prompts, generated, scores)
         seconds = time.perf_counter() - start
         lengths = mask.sum(dim=1)
-        if ref is not None:
-            extra["objective/kl"] = sequence_kl / settings.rollout_batch_size
+        if ref is not None:  # the sampling policy's KL from the reference, per episode
+            extra["objective/kl"] = float(((sampling - ref) * mask).sum(dim=1).mean())
         return (
-            sums
+            {name: value / updates for name, value in means.items()}
             | extra
             | {
                 "reward": float(scores.mean()),
                 "reward_std": float(group_std(scores, self.group)),
                 "completions/mean_length": float(lengths.mean()),
                 "completions/clipped_ratio": float((~generated.found_stop).float().mean()),
-                "train/lr": self.scheduler.get_last_lr()[0],
+                "train/lr": self.optimization.lr,
                 "time/generation_share": generated.seconds / seconds,
             }
         )
 
     def training_state(self) -> dict[str, Any]:
-        return self.common_state() | {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }
+        return self.common_state() | self.optimization.state()
 
     def restore(self, directory: Path, state: dict[str, Any]) -> None:
         self.restore_common(directory, state)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimization.load_state(state)
 
 
 class GRPOStage(GroupStage):
     """GRPO: group-normalised advantages, the k3 KL in the loss (module docstring)."""
 
+    name = "grpo"
+    title = "GRPO"
     section = "grpo"
+    model_references = ("model.pretrained", "grpo.reward_model", "eval.kl_reference")
 
     @staticmethod
     def needs_reference(settings: DictConfig) -> bool:
@@ -294,7 +302,10 @@ class GRPOStage(GroupStage):
 class RLOOStage(GroupStage):
     """RLOO: the sequence KL in the reward, leave-one-out advantages (module docstring)."""
 
+    name = "rloo"
+    title = "RLOO"
     section = "rloo"
+    model_references = ("model.pretrained", "rloo.reward_model", "eval.kl_reference")
 
     @staticmethod
     def needs_reference(settings: DictConfig) -> bool:

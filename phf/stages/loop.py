@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from phf.checkpoints import (
@@ -47,6 +47,7 @@ from phf.distributed import (
 from phf.hardware import Placement, resolve_placement
 from phf.signals import StopSignals
 from phf.tracking import Tracker
+from phf.training import NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +55,20 @@ MODEL_DIR = "model"
 RUN_STATE_FILE = "phf_run.json"  # in the output dir: the run's end, once its model is published
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
-
-
 Tables = dict[str, dict[str, list]]
 
 
 class Stage(Protocol):
-    """What ``run_stage`` drives (see the module docstring)."""
+    """What ``run_stage`` drives (see the module docstring). A stage describes itself: the
+    ``objective.stage`` value that selects it, its title, the config section it reads, the
+    config keys that may name an earlier run's model, how it shares a batch among
+    data-parallel processes, and its progress and headline metrics."""
 
+    name: ClassVar[str]  # objective.stage
+    title: ClassVar[str]  # what the run's description calls it
+    section: ClassVar[str | None]  # its own config section (logged as params), if any
+    model_references: ClassVar[tuple[str, ...]]  # keys that may be sweep:/runs:/ references
+    data_parallel: ClassVar[str]  # how N processes share a step's batch (logged)
     progress_metric: ClassVar[str]  # the x axis a user picks by name: tokens_seen, episodes, ...
     progress_label: ClassVar[str]  # samples tables are named <folder>/<label>_<progress>.json
     rate_metric: ClassVar[str]  # progress per second of training time
@@ -138,9 +143,18 @@ def run_stage(
     """Build the stage, resume or evaluate, train, checkpoint and publish (module docstring)."""
     train = cfg.train
     distributed = init_distributed()
+    # Rank 0 resolved the model references (sweep:<objective>) before its run opened; every
+    # process builds from the same ones.
+    references = {key: OmegaConf.select(cfg, key) for key in stage_cls.model_references}
+    for key, value in broadcast_object(references, distributed).items():
+        OmegaConf.update(cfg, key, value, force_add=False)
     placement = resolve_placement(cfg.hardware, distributed.local_rank)
     stage = stage_cls.build(cfg, placement, distributed)
     main = distributed.is_main
+    if distributed.enabled:
+        log.info(
+            "data parallel over %d processes: %s", distributed.world_size, stage.data_parallel
+        )
     if main:
         tracker.log_datasets(stage.datasets())
     last_metrics: dict[str, float] = {stage.headline: float("nan")}

@@ -13,6 +13,7 @@ the first iteration and checkpointed.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import random
 import time
@@ -27,20 +28,21 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from phf.checkpoints import python_rng_state, set_python_rng_state
 from phf.data.prompts import online_prompts
+from phf.distributed import DistributedContext, gather_objects, gather_rows
 from phf.evaluation import Evaluator, left_padded_prompts
 from phf.hardware import Placement
-from phf.head_logprobs import head_logprobs, split_model
 from phf.lora import base_weights, with_lora
 from phf.lora import enabled as lora_enabled
-from phf.models import load_model_and_tokenizer, position_ids
-from phf.ppo import entropy_from_logits
+from phf.models import load_model_and_tokenizer
 from phf.reward_model import RewardModel, score_texts
 from phf.sampling import SamplingConstraint, sample
 from phf.scorers import build_scorer
+from phf.sequences import joined, token_logprobs
 from phf.stages.common import (
     build_evaluator,
     dataset_record,
     kl_from_start,
+    process_share,
     publish_policy,
     restore_policy,
     save_policy,
@@ -189,34 +191,60 @@ def forward_response(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Log-probabilities [n, R] of the response tokens under the distribution they were sampled
     from (``constraint``), the values of the states they were sampled from, and the entropy
-    [n, R] of that distribution at each position (no gradient; zeros on the chunked path unless
-    ``with_entropy``). The output layer runs in chunks (phf/head_logprobs.py) where the model
+    [n, R] of that distribution at each position (no gradient; zeros unless
+    ``with_entropy``). The output layer runs in chunks (phf/sequences.py) where the model
     allows it."""
-    input_ids = torch.cat([query_ids, response_ids], dim=1)
-    attention_mask = torch.cat([query_mask, mask.long()], dim=1)
-    start = query_ids.size(1) - 1  # the position that predicts the first response token
-    inputs = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids(attention_mask),
-    }
-    split = split_model(model)
-    with placement.autocast():
-        if split is not None:
-            decoder, head = split
-            hidden = decoder(**inputs).last_hidden_state[:, start:-1]
-            logprobs, entropy = head_logprobs(
-                hidden, head, response_ids, constraint, placement.dtype, with_entropy
-            )
-        else:
-            output = model(**inputs, output_hidden_states=value_head is not None)
-            hidden = output.hidden_states[-1][:, start:-1] if value_head is not None else None
-            logits = constraint.apply(output.logits[:, start:-1])
-            logprobs = torch.log_softmax(logits, dim=-1)
-            logprobs = logprobs.gather(-1, response_ids[..., None]).squeeze(-1)
-            entropy = entropy_from_logits(logits.detach())
-    values = value_head(hidden).float() if value_head is not None else None
-    return logprobs, values, entropy
+    out = token_logprobs(
+        model,
+        joined(query_ids, query_mask, response_ids, mask),
+        placement,
+        first=query_ids.size(1) - 1,  # the position that predicts the first response token
+        constraint=constraint,
+        chunked=True,
+        value_head=value_head,
+        with_entropy=with_entropy,
+    )
+    entropy = out.entropy if out.entropy is not None else torch.zeros_like(out.logprobs)
+    return out.logprobs, out.values, entropy
+
+
+class ResponseForward(torch.nn.Module):
+    """The policy (and PPO's value head) as one module whose forward gives a rollout's response
+    log-probabilities, values and entropies (``forward_response``): what DDP wraps, so that a
+    training forward passes through DDP and its gradients are averaged over the processes."""
+
+    def __init__(
+        self,
+        policy: PreTrainedModel,
+        value_head: torch.nn.Module | None,
+        constraint: SamplingConstraint,
+        placement: Placement,
+    ) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+        self.constraint = constraint
+        self.placement = placement
+
+    def forward(
+        self,
+        query_ids: torch.Tensor,
+        query_mask: torch.Tensor,
+        response_ids: torch.Tensor,
+        mask: torch.Tensor,
+        with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        return forward_response(
+            self.policy,
+            self.value_head,
+            query_ids,
+            query_mask,
+            response_ids,
+            mask,
+            self.constraint,
+            self.placement,
+            with_entropy,
+        )
 
 
 @dataclass
@@ -230,6 +258,21 @@ class Responses:
     logprobs: torch.Tensor  # [n, R] of the sampled tokens, as sampling computed them
     seconds: float
 
+    def gathered(self, distributed: DistributedContext, pad_id: int) -> Responses:
+        """Every process's responses, in rank order (one process's rollout, whole)."""
+        if not distributed.enabled:
+            return self
+        return Responses(
+            gather_rows(self.query_ids, distributed, pad_id, left=True),
+            gather_rows(self.query_mask, distributed, 0, left=True),
+            gather_rows(self.response_ids, distributed, pad_id),
+            gather_rows(self.mask, distributed, 0.0),
+            gather_rows(self.found_stop, distributed),
+            gather_objects(self.texts, distributed),
+            gather_rows(self.logprobs, distributed, 0.0),
+            self.seconds,
+        )
+
 
 def generate_responses(
     policy: PreTrainedModel,
@@ -238,8 +281,10 @@ def generate_responses(
     stop_id: int | None,
     settings: DictConfig,
     placement: Placement,
+    uniforms: torch.Tensor | None = None,
 ) -> Responses:
-    """One sampled response per prompt, from the policy itself (phf/sampling.py)."""
+    """One sampled response per prompt, from the policy itself (phf/sampling.py), drawn with
+    ``uniforms`` [prompts, response_length] when given."""
     was_training = policy.training
     policy.eval()
     start = time.perf_counter()
@@ -253,6 +298,7 @@ def generate_responses(
         stop_id,
         tokenizer.pad_token_id,
         placement,
+        None if uniforms is None else uniforms.to(placement.device),
     )
     seconds = time.perf_counter() - start
     policy.train(was_training)
@@ -272,10 +318,24 @@ def generate_responses(
 class OnlineStage:
     """The part of an online RL stage that PPO, GRPO and RLOO share (module docstring).
 
-    Subclasses set ``section`` (their config section), build their optimizer, and implement
-    ``step`` and the rest of ``training_state``/``restore``.
+    Subclasses set ``name``, ``title`` and ``section`` (their config section), build their
+    optimization, and implement ``step`` and the rest of ``training_state``/``restore``.
+
+    Under data parallelism every process draws the same global prompts and samples its share
+    of them, each response drawn with uniform numbers from a generator seeded by the run's seed
+    and the iteration, taken by the response's place in the global rollout: N processes sample
+    the tokens one process would. The shares are then gathered, so that every statistic the
+    method defines over the batch (whitening, group baselines) is the global batch's, and each
+    process updates on its share of every minibatch.
     """
 
+    name = "ppo"
+    title = "PPO"
+    section = "ppo"
+    data_parallel = (
+        "each process samples, scores and updates on its share of every rollout; the rollout "
+        "is gathered for the batch's statistics"
+    )
     progress_metric = "episodes"
     progress_label = "episodes"
     rate_metric = "time/episodes_per_s"
@@ -286,12 +346,14 @@ class OnlineStage:
         self,
         cfg: DictConfig,
         placement: Placement,
+        distributed: DistributedContext,
         policy: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         reference: PreTrainedModel | None,
     ) -> None:
         self.cfg = cfg
         self.placement = placement
+        self.distributed = distributed
         self.policy = policy
         self.tokenizer = tokenizer
         self.reference = reference
@@ -301,9 +363,11 @@ class OnlineStage:
         # Evaluated as the task's scenarios, and on the held-out prompts as "prompts"; KL is
         # from the policy as it starts (built before any update).
         extra = {"prompts": (self.prompts.heldout, bool(settings.score_prompt))}
-        self.evaluator = self.kl_evaluator(
-            cfg, policy, tokenizer, placement, extra if self.prompts.heldout else None
-        )
+        self.evaluator = None
+        if distributed.is_main:
+            self.evaluator = self.kl_evaluator(
+                cfg, policy, tokenizer, placement, extra if self.prompts.heldout else None
+            )
         self.reward = build_reward(settings, cfg, placement)
         self.stop_id = stop_token_id(settings.stop_token, tokenizer)
         self.constraint = rollout_constraint(settings, self.stop_id, tokenizer)
@@ -370,7 +434,37 @@ class OnlineStage:
             )
 
     def draw_prompts(self, count: int) -> list[str]:
+        """``count`` prompts of the global rollout (the same in every process)."""
         return [self.rng.choice(self.prompt_pool) for _ in range(count)]
+
+    def generator(self, purpose: str, index: int = 0) -> torch.Generator:
+        """A generator seeded by the run's seed, the iteration, ``purpose`` and ``index``: the
+        same in every process, and after a resume."""
+        key = f"{self.cfg.seed}/{self.steps_done}/{purpose}/{index}"
+        return torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:15], 16))
+
+    def sample_share(self, prompts: list[str], purpose: str) -> tuple[list[str], Responses]:
+        """This process's share of ``prompts`` (the global rollout's) and its responses, each
+        drawn with the uniform numbers of its place in the global rollout."""
+        uniforms = torch.rand(
+            len(prompts), self.settings.response_length, generator=self.generator(purpose)
+        )
+        rows = process_share(list(range(len(prompts))), self.distributed)
+        mine = [prompts[i] for i in rows]
+        responses = generate_responses(
+            self.policy,
+            self.tokenizer,
+            mine,
+            self.stop_id,
+            self.settings,
+            self.placement,
+            uniforms[rows],
+        )
+        return mine, responses
+
+    def gather(self, value: torch.Tensor) -> torch.Tensor:
+        """Every process's rows of a rollout quantity (module docstring of the class)."""
+        return gather_rows(value, self.distributed)
 
     def ensure_normalized_reward(self) -> None:
         """At the first iteration: normalise a reward that needs it, on samples of the
@@ -381,11 +475,9 @@ class OnlineStage:
         raw = []
         for first in range(0, settings.normalization_episodes, settings.rollout_batch_size):
             count = min(settings.rollout_batch_size, settings.normalization_episodes - first)
-            prompts = self.draw_prompts(count)
-            responses = generate_responses(
-                self.policy, self.tokenizer, prompts, self.stop_id, settings, self.placement
-            )
-            raw.append(self.reward.raw(prompts, responses.texts))
+            prompts, responses = self.sample_share(self.draw_prompts(count), f"norm{first}")
+            rewards = self.reward.raw(prompts, responses.texts).to(self.placement.device)
+            raw.append(self.gather(rewards).cpu())
         self.reward.normalize(torch.cat(raw))
         log.info("reward: %s", self.reward.description)
 
@@ -413,6 +505,7 @@ class OnlineStage:
     # ------------------------------------------------------------------ the contract
 
     def evaluate(self) -> tuple[dict[str, float], Tables]:
+        assert self.evaluator is not None, "only the main process evaluates"
         metrics, tables = self.evaluator.evaluate(self.policy)
         tables = scenario_tables(tables)
         if self.last_table is not None:

@@ -10,7 +10,11 @@ generation and evaluation are phf/stages/online.py's, shared with the other onli
 Each iteration (one step of phf/stages/loop.py): generate ``rollout_batch_size`` responses (the
 *generation* share of the time), score them, compute log-probabilities, values and per-token
 rewards with the KL penalty, GAE, then ``ppo_epochs`` passes of clipped policy and value updates
-over minibatches.
+over minibatches. Under data parallelism each process samples, scores and runs the forward
+passes of its share of the rollout; the rollout is gathered, so that reward and advantage
+whitening are the global batch's, and each process updates on its share of every minibatch
+(phf/stages/online.py). The policy and value losses are token means over the whole minibatch,
+however it is split into micro-batches and processes.
 """
 
 from __future__ import annotations
@@ -26,10 +30,9 @@ import torch
 from omegaconf import DictConfig
 
 from phf.checkpoints import load_head, save_head
-from phf.distributed import DistributedContext
+from phf.distributed import DistributedContext, gather_objects
 from phf.hardware import Placement
-from phf.models import VALUE_HEAD_FILE, Network, ValueHead
-from phf.ppo import (
+from phf.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
     gae,
@@ -38,16 +41,18 @@ from phf.ppo import (
     token_rewards,
     value_loss,
 )
-from phf.stages.loop import NonFiniteLossError
-from phf.stages.online import OnlineStage, Responses, forward_response, generate_responses
-from phf.stages.pretrain import adamw, schedule
+from phf.models import VALUE_HEAD_FILE, ValueHead
+from phf.stages.common import process_share
+from phf.stages.online import OnlineStage, ResponseForward, Responses, forward_response
+from phf.training import Optimization, check_divisible, training_network
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Rollout:
-    """One rollout batch: the generated responses and what PPO computes on them."""
+    """One rollout batch (the global one): the generated responses and what PPO computes on
+    them."""
 
     prompts: list[str]
     generated: Responses
@@ -59,24 +64,31 @@ class Rollout:
 
 
 class PPOStage(OnlineStage):
-    """Policy and value head, reference, reward, prompts, optimizer and KL controller;
+    """Policy and value head, reference, reward, prompts, optimization and KL controller;
     ``step()`` collects one rollout batch and updates on it."""
 
+    name = "ppo"
+    title = "PPO"
     section = "ppo"
+    model_references = ("model.pretrained", "ppo.reward_model", "eval.kl_reference")
 
-    def __init__(self, cfg: DictConfig, placement: Placement) -> None:
+    def __init__(self, cfg: DictConfig, placement: Placement, distributed: DistributedContext):
         ppo, train = cfg.ppo, cfg.train
+        check_divisible("ppo.rollout_batch_size", ppo.rollout_batch_size, distributed, "rollout")
+        check_divisible("ppo.mini_batch_size", ppo.mini_batch_size, distributed, "minibatches")
         policy, tokenizer, reference = self.load_policy(cfg, ppo, placement)
-        super().__init__(cfg, placement, policy, tokenizer, reference)
+        super().__init__(cfg, placement, distributed, policy, tokenizer, reference)
         self.check_lengths()
         self.value_head = ValueHead(policy.config.hidden_size).to(placement.device)
-        self.network = Network(policy, self.value_head)
+        forward = ResponseForward(policy, self.value_head, self.constraint, placement)
         self.max_steps = train.max_steps or math.ceil(ppo.total_episodes / ppo.rollout_batch_size)
         optimizer_steps = (
             self.max_steps * ppo.ppo_epochs * (ppo.rollout_batch_size // ppo.mini_batch_size)
         )
-        self.optimizer = adamw([self.network], train, placement, eps=1e-5)
-        self.scheduler = schedule(self.optimizer, train, optimizer_steps)
+        self.optimization = Optimization(
+            [forward], train, placement, optimizer_steps, distributed, "PPO", eps=1e-5
+        )
+        self.network = training_network(forward, cfg.hardware, placement, distributed)
         self.kl_controller = (
             AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon)
             if ppo.adaptive_kl
@@ -100,16 +112,13 @@ class PPOStage(OnlineStage):
     def build(
         cls, cfg: DictConfig, placement: Placement, distributed: DistributedContext
     ) -> PPOStage:
-        if distributed.enabled:
-            raise ValueError("objective=ppo trains in one process; launch it without torchrun")
-        return cls(cfg, placement)
+        return cls(cfg, placement, distributed)
 
     def collect_rollout(self) -> Rollout:
+        """Sample, score and run the no-gradient forward passes of this process's share of the
+        rollout, then gather the whole."""
         ppo, placement = self.settings, self.placement
-        prompts = self.draw_prompts(ppo.rollout_batch_size)
-        generated = generate_responses(
-            self.policy, self.tokenizer, prompts, self.stop_id, ppo, placement
-        )
+        prompts, generated = self.sample_share(self.draw_prompts(ppo.rollout_batch_size), "ppo")
         batch = (generated.query_ids, generated.query_mask, generated.response_ids, generated.mask)
         constraint = (self.constraint, placement)
         self.policy.eval()
@@ -120,14 +129,15 @@ class PPOStage(OnlineStage):
             )
             ref_logprobs = self.reference_logprobs(*batch, *constraint)
         self.policy.train()
+        pad = self.tokenizer.pad_token_id
         return Rollout(
-            prompts=prompts,
-            generated=generated,
-            logprobs=logprobs,
-            ref_logprobs=ref_logprobs,
-            values=values,
-            entropy=entropy * generated.mask,
-            scores=scores,
+            prompts=gather_objects(prompts, self.distributed),
+            generated=generated.gathered(self.distributed, pad),
+            logprobs=self.gather(logprobs),
+            ref_logprobs=self.gather(ref_logprobs),
+            values=self.gather(values),
+            entropy=self.gather(entropy * generated.mask),
+            scores=self.gather(scores),
         )
 
     def step(self) -> dict[str, Any]:
@@ -137,7 +147,8 @@ class PPOStage(OnlineStage):
         start = time.perf_counter()
         self.ensure_normalized_reward()
         rollout = self.collect_rollout()
-        mask = rollout.generated.mask
+        generated = rollout.generated
+        mask = generated.mask
         kl_coef = self.kl_controller.value
         rewards, kl = token_rewards(
             rollout.logprobs, rollout.ref_logprobs, rollout.scores, mask, kl_coef
@@ -147,23 +158,51 @@ class PPOStage(OnlineStage):
         advantages, returns = gae(rewards, rollout.values, mask, ppo.gamma, ppo.lam)
         advantages = masked_whiten(advantages, mask)
 
-        sums: dict[str, float] = {}
+        def piece_loss(piece: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            piece_mask = mask[piece]
+            logprobs, values, _ = self.network(
+                generated.query_ids[piece],
+                generated.query_mask[piece],
+                generated.response_ids[piece],
+                piece_mask,
+            )
+            pg_loss, pg = policy_loss(
+                logprobs, rollout.logprobs[piece], advantages[piece], piece_mask, ppo.cliprange
+            )
+            vf_loss, vf = value_loss(
+                values, rollout.values[piece], returns[piece], piece_mask, ppo.cliprange_value
+            )
+            tokens = piece_mask.sum()  # token means, as sums: micro-batches add up
+            metrics = {
+                "policy/approxkl": pg["approxkl"],
+                "policy/clipfrac": pg["clipfrac"],
+                "val/ratio": pg["ratio"],
+                "val/clipfrac": vf["clipfrac"],
+                "loss/policy": pg_loss,
+                "loss/value": vf_loss,
+            }
+            loss = (pg_loss + ppo.vf_coef * vf_loss) * tokens
+            return loss, {name: value.detach() * tokens for name, value in metrics.items()}
+
+        means: dict[str, Any] = {}
         updates = 0
         micro = self.cfg.hardware.micro_batch_size
-        for _ in range(ppo.ppo_epochs):
-            order = torch.randperm(ppo.rollout_batch_size)
+        for epoch in range(ppo.ppo_epochs):
+            order = torch.randperm(ppo.rollout_batch_size, generator=self.generator("order", epoch))
             for minibatch in order.split(ppo.mini_batch_size):
-                for piece in minibatch.split(micro):
-                    share = len(piece) / len(minibatch)
-                    piece_metrics = self._update_piece(rollout, advantages, returns, piece, share)
-                    for name, value in piece_metrics.items():
-                        sums[name] = sums.get(name, 0.0) + float(value) * share
-                torch.nn.utils.clip_grad_norm_(
-                    self.network.parameters(), self.cfg.train.max_grad_norm
+                mine = torch.tensor(process_share(minibatch.tolist(), self.distributed))
+                tokens = float(mask[minibatch].sum())
+                sums = self.optimization.accumulate(
+                    self.network, mine.split(micro), piece_loss, tokens
                 )
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                loss = sums.pop("loss") / tokens
+                update = self.optimization.step(
+                    loss,
+                    f"iteration {self.steps_done + 1}",
+                    "lower train.lr or ppo.cliprange",
+                )
+                for name, value in ({k: v / tokens for k, v in sums.items()} | update).items():
+                    means[name] = means.get(name, 0.0) + value
                 updates += 1
 
         self.steps_done += 1
@@ -171,11 +210,11 @@ class PPOStage(OnlineStage):
         kl_per_episode = kl.sum(dim=1)
         mean_kl = float(kl_per_episode.mean())
         self.kl_controller.update(mean_kl, ppo.rollout_batch_size)
-        self.remember_rollout(rollout.prompts, rollout.generated, rollout.scores)
+        self.remember_rollout(rollout.prompts, generated, rollout.scores)
         seconds = time.perf_counter() - start
         scores = rollout.scores
         non_score_reward = float((-kl_coef * kl_per_episode).mean())
-        return {name: value / updates for name, value in sums.items()} | {
+        return {name: value / updates for name, value in means.items()} | {
             "objective/kl": mean_kl,
             "objective/entropy": float(rollout.entropy.sum(dim=1).mean()),
             "objective/scores": float(scores.mean()),
@@ -183,68 +222,20 @@ class PPOStage(OnlineStage):
             "objective/rlhf_reward": float(scores.mean()) + non_score_reward,
             "objective/kl_coef": kl_coef,
             "val/response_length": float(mask.sum(dim=1).mean()),
-            "val/stop_fraction": float(rollout.generated.found_stop.float().mean()),
-            "train/lr": self.scheduler.get_last_lr()[0],
-            "time/generation_share": rollout.generated.seconds / seconds,
-        }
-
-    def _update_piece(
-        self,
-        rollout: Rollout,
-        advantages: torch.Tensor,
-        returns: torch.Tensor,
-        piece: torch.Tensor,
-        share: float,
-    ) -> dict[str, torch.Tensor]:
-        """Forward and backward one micro-batch of a minibatch (weighed by its ``share``)."""
-        ppo = self.settings
-        generated = rollout.generated
-        mask = generated.mask[piece]
-        logprobs, values, _ = forward_response(
-            self.policy,
-            self.value_head,
-            generated.query_ids[piece],
-            generated.query_mask[piece],
-            generated.response_ids[piece],
-            mask,
-            self.constraint,
-            self.placement,
-        )
-        pg_loss, pg_metrics = policy_loss(
-            logprobs, rollout.logprobs[piece], advantages[piece], mask, ppo.cliprange
-        )
-        vf_loss, vf_metrics = value_loss(
-            values, rollout.values[piece], returns[piece], mask, ppo.cliprange_value
-        )
-        loss = pg_loss + ppo.vf_coef * vf_loss
-        if not torch.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"the PPO loss is {float(loss.detach())} at iteration {self.steps_done + 1}; lower "
-                "train.lr or ppo.cliprange"
-            )
-        (loss * share).backward()
-        return {
-            "policy/approxkl": pg_metrics["approxkl"],
-            "policy/clipfrac": pg_metrics["clipfrac"],
-            "val/ratio": pg_metrics["ratio"],
-            "val/clipfrac": vf_metrics["clipfrac"],
-            "loss/policy": pg_loss.detach(),
-            "loss/value": vf_loss.detach(),
+            "val/stop_fraction": float(generated.found_stop.float().mean()),
+            "train/lr": self.optimization.lr,
+            "time/generation_share": generated.seconds / seconds,
         }
 
     def training_state(self) -> dict[str, Any]:
-        return self.common_state() | {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "kl_coef": self.kl_controller.value,
-        }
+        return (
+            self.common_state() | self.optimization.state() | {"kl_coef": self.kl_controller.value}
+        )
 
     def restore(self, directory: Path, state: dict[str, Any]) -> None:
         self.restore_common(directory, state)
         load_head(self.value_head, directory / VALUE_HEAD_FILE)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimization.load_state(state)
         self.kl_controller.value = float(state["kl_coef"])
 
     def save(self, directory: Path) -> None:

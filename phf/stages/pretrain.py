@@ -9,7 +9,6 @@ as it drives every stage, and scripts/benchmark.py drives the same object.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Iterator
@@ -19,17 +18,16 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch.nn.parallel import DistributedDataParallel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from phf.checkpoints import load_head, load_weights, save_head, save_pretrained
 from phf.data.blocks import PackedBlocks, objective_blocks, training_batches
 from phf.data.store import TokenStore
-from phf.distributed import SINGLE_PROCESS, DistributedContext, all_reduce_mean
+from phf.distributed import SINGLE_PROCESS, DistributedContext
 from phf.evaluation import Evaluator
 from phf.hardware import Placement
+from phf.losses.lm import Objective, build_objective
 from phf.models import VALUE_HEAD_FILE, Network, ValueHead, load_model_and_tokenizer
-from phf.objectives import Objective, build_objective
 from phf.stages.common import (
     build_evaluator,
     dataset_record,
@@ -38,8 +36,9 @@ from phf.stages.common import (
     scenario_tables,
     token_store,
 )
-from phf.stages.loop import NonFiniteLossError, Tables
+from phf.stages.loop import Tables
 from phf.tracking import Tracker
+from phf.training import Optimization, check_divisible, training_network
 
 log = logging.getLogger(__name__)
 
@@ -52,90 +51,6 @@ def step_budget(train: DictConfig) -> int:
     return max(1, math.ceil(train.num_tokens / tokens_per_step))
 
 
-def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (weights, embeddings); never biases or LayerNorm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-
-
-def adamw(
-    modules: list[torch.nn.Module], train: DictConfig, placement: Placement, eps: float = 1e-8
-) -> torch.optim.AdamW:
-    """AdamW over ``modules`` (weight decay on matrices only), fused: one kernel per step on
-    CUDA and on the CPU (where the unfused loop is ~2% of the tiny model's step)."""
-    return torch.optim.AdamW(
-        [group for m in modules for group in optimizer_groups(m, train.weight_decay)],
-        lr=train.lr,
-        betas=tuple(train.adam_betas),
-        eps=eps,
-        fused=placement.device.type in ("cuda", "cpu"),
-    )
-
-
-def schedule(
-    optimizer: torch.optim.Optimizer, train: DictConfig, steps: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """train.lr_scheduler with linear warm-up over train.warmup_ratio of ``steps``."""
-    return get_scheduler(
-        train.lr_scheduler,
-        optimizer,
-        num_warmup_steps=round(train.warmup_ratio * steps),
-        num_training_steps=steps,
-    )
-
-
-def compiled(network: torch.nn.Module, hardware: DictConfig, placement: Placement):
-    """torch.compile of ``network`` when hardware.compile says so (null: on CUDA only)."""
-    enabled = hardware.compile
-    if enabled is None:
-        enabled = placement.device.type == "cuda"
-    return torch.compile(network) if enabled else network
-
-
-def accumulate_gradients(
-    network: torch.nn.Module,
-    objective: Objective,
-    input_ids: torch.Tensor,
-    token_scores: torch.Tensor,
-    micro_batches: int,
-    placement: Placement,
-    scaler: torch.amp.GradScaler,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward and backward one batch in ``micro_batches`` pieces; returns the batch-mean loss
-    and metrics (detached tensors: no CPU-GPU sync here). Under DDP, gradients are averaged
-    across processes only on the last piece (``no_sync`` before it)."""
-    step_loss = torch.zeros((), device=input_ids.device)
-    step_metrics: dict[str, torch.Tensor] = {}
-    pieces = [
-        (ids, scores)
-        for ids, scores in zip(
-            input_ids.tensor_split(micro_batches),
-            token_scores.tensor_split(micro_batches),
-            strict=True,
-        )
-        if ids.numel()
-    ]
-    for index, (ids, scores) in enumerate(pieces):
-        last = index == len(pieces) - 1
-        no_sync = getattr(network, "no_sync", None)
-        with (
-            placement.autocast(),
-            contextlib.nullcontext() if last or no_sync is None else no_sync(),
-        ):
-            logits, values = network(ids)
-            loss, metrics = objective.loss(logits, ids, scores, values)
-            # Weigh each micro-batch by its share of the batch so the sum is the batch mean.
-            share = ids.size(0) / input_ids.size(0)
-            scaler.scale(loss * share).backward()
-        step_loss += loss.detach() * share
-        for name, value in metrics.items():
-            step_metrics[name] = step_metrics.get(name, 0.0) + value * share
-    return step_loss, step_metrics
-
-
 @dataclass
 class PretrainStage:
     """What one training step touches: model (and value head), objective, blocks, optimizer.
@@ -143,6 +58,11 @@ class PretrainStage:
     Built by ``PretrainStage.build`` from a composed config; ``step()`` runs one optimizer step.
     """
 
+    name = "pretrain"
+    title = "PHF pretraining"
+    section = None
+    model_references = ("model.pretrained", "eval.kl_reference")
+    data_parallel = "each process trains on its slice of every global batch of blocks"
     progress_metric = "tokens_seen"
     progress_label = "tokens"
     rate_metric = "train/tokens_per_s"
@@ -156,9 +76,7 @@ class PretrainStage:
     objective: Objective
     train_store: TokenStore
     blocks: PackedBlocks
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
+    optimization: Optimization
     max_steps: int
     micro_batches: int
     network: torch.nn.Module  # model + value head, wrapped in DDP (and compiled) as asked
@@ -176,11 +94,7 @@ class PretrainStage:
         distributed: DistributedContext = SINGLE_PROCESS,
     ) -> PretrainStage:
         train = cfg.train
-        if train.batch_size % distributed.world_size:
-            raise ValueError(
-                f"train.batch_size={train.batch_size} must be a multiple of the "
-                f"{distributed.world_size} data-parallel processes"
-            )
+        check_divisible("train.batch_size", train.batch_size, distributed, "blocks of a step")
         objective = build_objective(cfg.objective)
         model, tokenizer = load_model_and_tokenizer(
             cfg.model, train.block_size, control_tokens=cfg.objective.name == "conditional"
@@ -196,11 +110,8 @@ class PretrainStage:
         train_store = token_store(cfg, cfg.task.train_split, tokenizer)
         blocks = objective_blocks(cfg.objective, train_store, tokenizer, train.block_size, cfg.seed)
         max_steps = step_budget(train)
-        optimizer = adamw([model] + ([value_head] if value_head else []), train, placement)
-        network: torch.nn.Module = Network(model, value_head)
-        if distributed.enabled:
-            device_ids = [placement.device.index] if placement.device.type == "cuda" else None
-            network = DistributedDataParallel(network, device_ids=device_ids)
+        network = Network(model, value_head)
+        optimization = Optimization([network], train, placement, max_steps, distributed, "training")
         evaluator = None
         if distributed.is_main:
             evaluator = build_evaluator(
@@ -216,12 +127,12 @@ class PretrainStage:
             objective=objective,
             train_store=train_store,
             blocks=blocks,
-            optimizer=optimizer,
-            scheduler=schedule(optimizer, train, max_steps),
-            scaler=placement.grad_scaler(),
+            optimization=optimization,
             max_steps=max_steps,
             micro_batches=math.ceil(per_process_batch / cfg.hardware.micro_batch_size),
-            network=compiled(network, cfg.hardware, placement),
+            network=training_network(
+                network, cfg.hardware, placement, distributed, fixed_shapes=True
+            ),
             evaluator=evaluator,
             distributed=distributed,
         )
@@ -261,7 +172,8 @@ class PretrainStage:
         return next(self._batches)
 
     def step(self) -> dict[str, Any]:
-        """One optimizer step; its metrics as detached tensors (no CPU-GPU sync but one)."""
+        """One optimizer step: the objective's loss on this process's slice of the global batch,
+        in micro-batches, handed to the core."""
         for module in self.modules:
             module.train()
         batch = self._next_batch()
@@ -270,35 +182,35 @@ class PretrainStage:
         world, rank = self.distributed.world_size, self.distributed.rank
         input_ids = batch["input_ids"].tensor_split(world)[rank].to(device, non_blocking=True)
         token_scores = batch["token_scores"].tensor_split(world)[rank].to(device, non_blocking=True)
-        loss, metrics = accumulate_gradients(
-            self.network,
-            self.objective,
-            input_ids,
-            token_scores,
-            self.micro_batches,
-            self.placement,
-            self.scaler,
-        )
-        loss = all_reduce_mean(loss, self.distributed)  # every process sees the same loss
-        # One CPU-GPU sync per step: a NaN must stop the run before it reaches the weights.
-        if not torch.isfinite(loss).item():
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"the training loss is {loss.item()} at step {self.steps_done + 1} (tokens seen "
-                f"{self.progress}); lower train.lr or raise train.warmup_ratio"
+        pieces = [
+            piece
+            for piece in zip(
+                input_ids.tensor_split(self.micro_batches),
+                token_scores.tensor_split(self.micro_batches),
+                strict=True,
             )
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            list(self.network.parameters()), self.cfg.train.max_grad_norm, foreach=True
+            if piece[0].numel()
+        ]
+
+        def piece_loss(piece: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+            ids, scores = piece
+            logits, values = self.network(ids)
+            loss, metrics = self.objective.loss(logits, ids, scores, values)
+            rows = ids.size(0)  # the objective's loss is a mean over its rows
+            return loss * rows, {name: value * rows for name, value in metrics.items()}
+
+        rows = batch["input_ids"].size(0)
+        sums = self.optimization.accumulate(self.network, pieces, piece_loss, rows)
+        metrics = {name: value / rows for name, value in sums.items()}
+        loss = metrics.pop("loss")
+        update = self.optimization.step(
+            loss,
+            f"step {self.steps_done + 1} (tokens seen {self.progress})",
+            "lower train.lr or raise train.warmup_ratio",
         )
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
         self.progress += batch["input_ids"].numel()  # the global batch
-        return metrics | {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr}
+        return metrics | {"train/loss": loss} | update
 
     def evaluate(self) -> tuple[dict[str, float], Tables]:
         assert self.evaluator is not None, "only the main process evaluates"
@@ -313,13 +225,7 @@ class PretrainStage:
         return text + (f", kl {metrics['kl']:.3f}" if "kl" in metrics else "")
 
     def training_state(self) -> dict[str, Any]:
-        return {
-            "step": self.steps_done,
-            "progress": self.progress,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-        }
+        return {"step": self.steps_done, "progress": self.progress} | self.optimization.state()
 
     def restore(self, directory: Path, state: dict[str, Any]) -> None:
         """Weights, value head, optimizer, scheduler, loss scaler and position: the blocks are a
@@ -327,9 +233,7 @@ class PretrainStage:
         load_weights(self.model, directory)
         if self.value_head is not None:
             load_head(self.value_head, directory / VALUE_HEAD_FILE)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.optimization.load_state(state)
         self.steps_done, self.progress = state["step"], state["progress"]
         self._batches = None
 

@@ -28,6 +28,7 @@ from phf.distributed import DistributedContext
 from phf.evaluation import generate_samples
 from phf.hardware import Placement
 from phf.lora import merged, with_lora
+from phf.losses.preference import comparison_loss, comparison_metrics
 from phf.models import resolve_source
 from phf.reward_model import (
     EncodedComparison,
@@ -37,15 +38,19 @@ from phf.reward_model import (
     comparison_rewards,
     distinct_pad_token,
     encode_comparisons,
-    preference_loss,
-    preference_metrics,
     score_texts,
 )
-from phf.stages.common import EpochShuffle, publish_model, restore_policy, save_policy
-from phf.stages.loop import NonFiniteLossError, Tables
-from phf.stages.pretrain import adamw, schedule
+from phf.stages.common import (
+    EpochShuffle,
+    process_share,
+    publish_model,
+    restore_policy,
+    save_policy,
+)
+from phf.stages.loop import Tables
 from phf.tokenizer import load_tokenizer
 from phf.tracking import Tracker
+from phf.training import Optimization, check_divisible, training_network
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +85,14 @@ def evaluate_comparisons(
         batch = comparisons[first : first + cfg.eval.batch_size]
         rewards, valid = comparison_rewards(model, batch, pad_id, placement)
         best, margins = batch_tensors(batch, cfg.reward.margin, rewards.device)
-        loss = preference_loss(rewards, valid, best, margins, cfg.reward.center_rewards_coef)
+        loss = comparison_loss(rewards, valid, best, margins, cfg.reward.center_rewards_coef)
         losses.append(float(loss) * len(batch))
         pad = width - rewards.size(1)
         all_rewards.append(torch.nn.functional.pad(rewards, (0, pad)))
         all_valid.append(torch.nn.functional.pad(valid, (0, pad)))
         all_best.append(best)
     model.train(was_training)
-    metrics = preference_metrics(torch.cat(all_rewards), torch.cat(all_valid), torch.cat(all_best))
+    metrics = comparison_metrics(torch.cat(all_rewards), torch.cat(all_valid), torch.cat(all_best))
     return {"eval/loss": sum(losses) / len(comparisons)} | {
         f"eval/{name}": float(value) for name, value in metrics.items()
     }
@@ -136,6 +141,11 @@ def comparisons_digest(comparisons: Sequence[Comparison]) -> str:
 class RewardStage:
     """A reward model, its comparisons and optimizer; ``step()`` is one optimizer step."""
 
+    name = "reward"
+    title = "Reward model"
+    section = "reward"
+    model_references = ("model.pretrained", "reward.normalization_policy")
+    data_parallel = "each process trains on its share of every global batch of comparisons"
     progress_metric = "comparisons_seen"
     progress_label = "comparisons"
     rate_metric = "train/comparisons_per_s"
@@ -150,8 +160,9 @@ class RewardStage:
     train_encoded: list[EncodedComparison]
     test_encoded: list[EncodedComparison]
     data_metrics: dict[str, float]
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    optimization: Optimization
+    network: torch.nn.Module  # the model, in DDP under data parallelism
+    distributed: DistributedContext
     max_steps: int
     shuffle: EpochShuffle
     steps_done: int = 0
@@ -161,9 +172,8 @@ class RewardStage:
     def build(
         cls, cfg: DictConfig, placement: Placement, distributed: DistributedContext
     ) -> RewardStage:
-        if distributed.enabled:
-            raise ValueError("objective=reward trains in one process; launch it without torchrun")
         train, reward = cfg.train, cfg.reward
+        check_divisible("train.batch_size", train.batch_size, distributed, "comparisons of a step")
         tokenizer_name = cfg.model.tokenizer or cfg.model.pretrained
         tokenizer = load_tokenizer(resolve_source(tokenizer_name))
         distinct_pad_token(tokenizer)
@@ -193,7 +203,7 @@ class RewardStage:
             )
         steps_per_epoch = math.ceil(len(train_encoded) / train.batch_size)
         max_steps = train.max_steps or max(1, math.ceil(reward.epochs * steps_per_epoch))
-        optimizer = adamw([model], train, placement)
+        optimization = Optimization([model], train, placement, max_steps, distributed, "reward")
         log.info(
             "reward model: %.2fM parameters (%s) on %s (%s); %d train / %d test comparisons; "
             "%d steps of %d comparisons",
@@ -216,48 +226,41 @@ class RewardStage:
             train_encoded=train_encoded,
             test_encoded=test_encoded,
             data_metrics=_data_metrics(train_encoded, test_encoded, train_stats, test_stats),
-            optimizer=optimizer,
-            scheduler=schedule(optimizer, train, max_steps),
+            optimization=optimization,
+            network=training_network(model, cfg.hardware, placement, distributed),
+            distributed=distributed,
             max_steps=max_steps,
             shuffle=EpochShuffle(len(train_encoded), cfg.seed),
         )
 
     def step(self) -> dict[str, Any]:
+        """One optimizer step on a global batch of comparisons, each process taking its share."""
         train, reward = self.cfg.train, self.cfg.reward
         batch = [self.train_encoded[i] for i in self.shuffle.next(train.batch_size)]
-        self.model.train()
-        sums: dict[str, float] = {}
+        mine = process_share(batch, self.distributed)
         micro = self.cfg.hardware.micro_batch_size
+        pieces = [mine[first : first + micro] for first in range(0, len(mine), micro)]
         pad_id = self.tokenizer.pad_token_id
-        for first in range(0, len(batch), micro):
-            piece = batch[first : first + micro]
-            rewards, valid = comparison_rewards(self.model, piece, pad_id, self.placement)
+        self.model.train()
+
+        def piece_loss(piece: list[EncodedComparison]) -> tuple[torch.Tensor, dict]:
+            rewards, valid = comparison_rewards(self.network, piece, pad_id, self.placement)
             best, margins = batch_tensors(piece, reward.margin, rewards.device)
-            loss = preference_loss(rewards, valid, best, margins, reward.center_rewards_coef)
-            if not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(
-                    f"the reward model's loss is {float(loss.detach())} at step "
-                    f"{self.steps_done + 1}; "
-                    "lower train.lr (or look for extreme margins in the data)"
-                )
-            (loss * len(piece) / len(batch)).backward()
-            piece_metrics = {"loss": loss.detach()} | preference_metrics(
-                rewards.detach(), valid, best
-            )
-            for name, value in piece_metrics.items():
-                sums[name] = sums.get(name, 0.0) + float(value) * len(piece)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            loss = comparison_loss(rewards, valid, best, margins, reward.center_rewards_coef)
+            metrics = comparison_metrics(rewards.detach(), valid, best)
+            # Both are means over the piece's comparisons: as sums, pieces of any size add up.
+            return loss * len(piece), {k: v * len(piece) for k, v in metrics.items()}
+
+        sums = self.optimization.accumulate(self.network, pieces, piece_loss, len(batch))
+        metrics = {f"train/{name}": value / len(batch) for name, value in sums.items()}
+        update = self.optimization.step(
+            metrics["train/loss"],
+            f"step {self.steps_done + 1}",
+            "lower train.lr (or look for extreme margins in the data)",
+        )
         self.steps_done += 1
         self.progress += len(batch)
-        return {f"train/{k}": v / len(batch) for k, v in sums.items()} | {
-            "train/lr": lr,
-            "train/grad_norm": float(grad_norm),
-        }
+        return metrics | update
 
     def evaluate(self) -> tuple[dict[str, float], Tables]:
         metrics = evaluate_comparisons(
@@ -275,15 +278,12 @@ class RewardStage:
         return {
             "step": self.steps_done,
             "progress": self.progress,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "shuffle": self.shuffle.state(),
-        }
+        } | self.optimization.state()
 
     def restore(self, directory: Path, state: dict[str, Any]) -> None:
         restore_policy(self.model.model, directory)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimization.load_state(state)
         self.shuffle.load_state(state["shuffle"])
         self.steps_done, self.progress = state["step"], state["progress"]
 

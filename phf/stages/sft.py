@@ -19,18 +19,16 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch.nn.parallel import DistributedDataParallel
 
-from phf.data.examples import EncodingCounts, Example, encode_example, padded, sft_texts
+from phf.data.examples import EncodingCounts, Example, encode_example, example_batch, sft_texts
 from phf.distributed import DistributedContext
 from phf.evaluation import Evaluator
 from phf.hardware import Placement
 from phf.lora import with_lora
-from phf.models import load_model_and_tokenizer, position_ids
-from phf.objectives import next_token_nll
+from phf.models import load_model_and_tokenizer
+from phf.sequences import continuation_logprobs
 from phf.stages.common import (
     EpochShuffle,
-    accumulate,
     build_evaluator,
     kl_from_start,
     process_share,
@@ -39,9 +37,9 @@ from phf.stages.common import (
     save_policy,
     scenario_tables,
 )
-from phf.stages.loop import NonFiniteLossError, Tables
-from phf.stages.pretrain import adamw, schedule
+from phf.stages.loop import Tables
 from phf.tracking import Tracker
+from phf.training import Optimization, check_divisible, training_network
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +61,18 @@ def response_nll(
     loss_on_prompt: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the NLL of the target tokens, their number) of a padded batch of examples."""
-    input_ids, attention, response = padded(
-        examples, pad_id, placement.device, loss_on_prompt=loss_on_prompt
-    )
-    with placement.autocast():
-        logits = model(
-            input_ids=input_ids, attention_mask=attention, position_ids=position_ids(attention)
-        ).logits
-    targets = response[:, 1:].float()
-    return (next_token_nll(logits, input_ids) * targets).sum(), targets.sum()
+    batch = example_batch(examples, pad_id, placement.device, loss_on_prompt=loss_on_prompt)
+    return -continuation_logprobs(model, batch, placement).sum(), batch.targets.sum()
 
 
 class SFTStage:
     """A model and its examples; ``step()`` is one optimizer step (the module docstring)."""
 
+    name = "sft"
+    title = "Supervised finetuning"
+    section = "sft"
+    model_references = ("model.pretrained", "eval.kl_reference")
+    data_parallel = "each process trains on its share of every global batch of examples"
     progress_metric = "tokens_seen"
     progress_label = "tokens"
     rate_metric = "train/tokens_per_s"
@@ -86,11 +82,7 @@ class SFTStage:
         self, cfg: DictConfig, placement: Placement, distributed: DistributedContext
     ) -> None:
         sft, train = cfg.sft, cfg.train
-        if train.batch_size % distributed.world_size:
-            raise ValueError(
-                f"train.batch_size={train.batch_size} must be a multiple of the "
-                f"{distributed.world_size} data-parallel processes"
-            )
+        check_divisible("train.batch_size", train.batch_size, distributed, "examples of a step")
         self.cfg, self.placement, self.distributed = cfg, placement, distributed
         model, self.tokenizer = load_model_and_tokenizer(cfg.model, sft.max_length)
         model.to(placement.device)
@@ -100,14 +92,7 @@ class SFTStage:
                 cfg, self.tokenizer, placement, kl_from_start(cfg, model, self.tokenizer, placement)
             )
         self.model = with_lora(model, cfg.model.lora, "CAUSAL_LM")
-        self.network = (
-            DistributedDataParallel(
-                self.model,
-                device_ids=[placement.device.index] if placement.device.type == "cuda" else None,
-            )
-            if distributed.enabled
-            else self.model
-        )
+        self.network = training_network(self.model, cfg.hardware, placement, distributed)
         self.train_examples = encoded(
             sft_texts(sft, cfg.task, sft.train_split, cfg.seed),
             self.tokenizer,
@@ -128,8 +113,9 @@ class SFTStage:
             )
         steps_per_epoch = math.ceil(len(self.train_examples) / train.batch_size)
         self.max_steps = train.max_steps or max(1, math.ceil(sft.epochs * steps_per_epoch))
-        self.optimizer = adamw([self.model], train, placement)
-        self.scheduler = schedule(self.optimizer, train, self.max_steps)
+        self.optimization = Optimization(
+            [self.model], train, placement, self.max_steps, distributed, "SFT"
+        )
         self.shuffle = EpochShuffle(len(self.train_examples), cfg.seed)
         self.steps_done, self.progress = 0, 0
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -170,25 +156,12 @@ class SFTStage:
             nll, _ = response_nll(self.network, piece, pad, self.placement, loss_on_prompt)
             return nll, {}
 
-        sums = accumulate(self.network, pieces, piece_loss, targets, self.distributed)
+        sums = self.optimization.accumulate(self.network, pieces, piece_loss, targets)
         loss = sums["loss"] / targets
-        if not math.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"the SFT loss is {loss} at step {self.steps_done + 1}; lower train.lr"
-            )
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.requires_grad],
-            cfg.train.max_grad_norm,
-            foreach=True,
-        )
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        update = self.optimization.step(loss, f"step {self.steps_done + 1}")
         self.steps_done += 1
         self.progress += sum(len(e.ids) for e in batch)
-        return {"train/loss": loss, "train/grad_norm": float(grad_norm), "train/lr": lr}
+        return {"train/loss": loss} | update
 
     @torch.no_grad()
     def response_loss(self) -> float:
@@ -218,15 +191,12 @@ class SFTStage:
         return {
             "step": self.steps_done,
             "progress": self.progress,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "shuffle": self.shuffle.state(),
-        }
+        } | self.optimization.state()
 
     def restore(self, directory: Path, state: dict[str, Any]) -> None:
         restore_policy(self.model, directory)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimization.load_state(state)
         self.shuffle.load_state(state["shuffle"])
         self.steps_done, self.progress = state["step"], state["progress"]
 

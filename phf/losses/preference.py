@@ -1,6 +1,7 @@
-"""The arithmetic of direct preference optimisation, on tensors: sequence log-probabilities of
-responses and the DPO, IPO and hinge losses with TRL's metrics. phf/stages/dpo.py drives these;
-tests check them on hand-built numbers.
+"""The arithmetic of preferences, on tensors: the DPO, IPO and hinge losses with TRL's metrics
+(from the responses' log-probabilities, phf/sequences.py), and the reward model's loss on
+comparisons (Bradley-Terry for pairs, N-way cross-entropy for best-of-N rows). phf/stages/dpo.py
+and phf/stages/reward.py drive these; tests check them on hand-built numbers.
 
 With h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)), the log-ratio margin
 of the chosen response y_w over the rejected y_l:
@@ -19,23 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from phf.objectives import next_token_logprobs
 
-
-def response_logprobs(
-    logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor
-) -> torch.Tensor:
-    """log p(response | prompt) per row [batch], summed over the response's tokens only.
-
-    ``response_mask`` [batch, time] is 1 on response tokens (not the prompt, not padding, on
-    whichever side it is); position t's logits score token t+1, so the mask of the targets is
-    ``response_mask[:, 1:]``.
-    """
-    logp = next_token_logprobs(logits, input_ids)
-    return (logp * response_mask[:, 1:].to(logp.dtype)).sum(dim=1)
-
-
-def preference_loss(
+def dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
     reference_chosen: torch.Tensor,
@@ -64,7 +50,7 @@ def chosen_nll(policy_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torc
     return -policy_chosen / chosen_tokens.to(policy_chosen.dtype)
 
 
-def preference_metrics(
+def dpo_metrics(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
     reference_chosen: torch.Tensor,
@@ -83,4 +69,53 @@ def preference_metrics(
         "rewards/margins": (chosen - rejected).sum(),
         "logps/chosen": policy_chosen.detach().sum(),
         "logps/rejected": policy_rejected.detach().sum(),
+    }
+
+
+# ---------------------------------------------------------------- reward models
+
+
+def comparison_loss(
+    rewards: torch.Tensor,
+    valid: torch.Tensor,
+    best: torch.Tensor,
+    margins: torch.Tensor,
+    center_coef: float = 0.0,
+) -> torch.Tensor:
+    """The reward model's loss on a batch of comparisons (raw rewards [comparisons, responses],
+    ``valid`` marking real entries, ``best`` the preferred response's index).
+
+    Pairs: -log sigmoid(r_chosen - r_rejected - margin) (InstructGPT's, TRL's); N-way
+    comparisons: cross-entropy of the softmax over the N rewards against the best one
+    (lm-human-preferences). For pairs without margins the two are the same number. ``center_coef``
+    adds coef * (sum of a comparison's rewards)^2 (TRL's center_rewards_coefficient).
+    """
+    if rewards.size(1) == 2 and bool(valid.all()):
+        chosen = rewards.gather(1, best[:, None]).squeeze(1)
+        rejected = rewards.gather(1, (1 - best)[:, None]).squeeze(1)
+        loss = -F.logsigmoid(chosen - rejected - margins).mean()
+    else:
+        loss = F.cross_entropy(rewards.masked_fill(~valid, float("-inf")), best)
+    if center_coef:
+        loss = loss + center_coef * (rewards * valid).sum(dim=1).pow(2).mean()
+    return loss
+
+
+def comparison_metrics(
+    rewards: torch.Tensor, valid: torch.Tensor, best: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """accuracy: the best response's reward is strictly above every other's (a tie is wrong);
+    margin: the best response's reward minus the mean of the others'; reward mean and std over
+    every response."""
+    best_reward = rewards.gather(1, best[:, None]).squeeze(1)
+    others = valid.clone()
+    others.scatter_(1, best[:, None], False)
+    beaten = torch.where(others, rewards < best_reward[:, None], torch.ones_like(others))
+    other_mean = (rewards * others).sum(dim=1) / others.sum(dim=1)
+    real = rewards[valid]
+    return {
+        "accuracy": beaten.all(dim=1).float().mean(),
+        "margin": (best_reward - other_mean).mean(),
+        "reward_mean": real.mean(),
+        "reward_std": real.std() if real.numel() > 1 else torch.zeros(()),
     }

@@ -75,9 +75,11 @@ def aggregate(
     raise ValueError(f"grpo.loss_type={loss_type!r} is not one of grpo, dapo, dr_grpo")
 
 
-def piece_share(loss_type: str, piece_mask: torch.Tensor, batch_mask: torch.Tensor) -> float:
-    """The weight of a micro-batch's ``aggregate`` in its minibatch's, so that the pieces' sum
-    is the minibatch's loss: its share of the sequences, or of the tokens for ``dapo``."""
+def aggregation_weight(loss_type: str, mask: torch.Tensor) -> torch.Tensor:
+    """What one ``aggregate`` of a micro-batch weighs in its minibatch's: its sequences, or its
+    tokens for ``dapo``. The minibatch's loss is the sum over its micro-batches (on every
+    process) of aggregate x weight, divided by the minibatch's total weight, so that any split
+    into micro-batches and processes gives the loss of the whole."""
     if loss_type == "dapo":
-        return float(piece_mask.sum() / batch_mask.sum().clamp(min=1))
-    return piece_mask.size(0) / batch_mask.size(0)
+        return mask.sum()
+    return torch.tensor(float(mask.size(0)), device=mask.device)
