@@ -15,6 +15,7 @@ composes it, overrides included):
     python scripts/benchmark.py --only scorers pipeline
     python scripts/benchmark.py --only sft dpo ppo grpo rloo -- model.pretrained=<an MLE model>
     python scripts/benchmark.py --only launch      # SLURM too when scripts/start-local-slurm.sh ran
+    python scripts/benchmark.py --only data_parallel -- model.pretrained=<an MLE model>
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ SECTIONS = [
     "ppo",
     "grpo",
     "rloo",
+    "data_parallel",
     "launch",
 ]
 
@@ -108,6 +110,8 @@ def main() -> None:
     for objective in STAGE_UNITS:
         if objective in args.only:
             benchmark_stage(objective, args.overrides, args.warmup, args.rollouts)
+    if "data_parallel" in args.only:
+        benchmark_data_parallel(args.overrides, args.rollouts, args.repeats)
     if "launch" in args.only:
         benchmark_launch(args.launch_jobs)
 
@@ -416,6 +420,68 @@ def benchmark_pipeline(n_files: int) -> None:
             )
     if cores > 1:
         print(f"scoring pipeline speed-up with {cores} workers: {rates[cores] / rates[1]:.2f}x")
+
+
+def stage_rate(store: Path, metric: str) -> float:
+    """The median of a run's logged ``metric`` (a rate per step window), its first window (the
+    warm-up) left out."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{store}")
+    (run,) = client.search_runs(client.search_experiments()[0].experiment_id)
+    values = [
+        m.value
+        for m in sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)
+    ][1:]
+    return float(sorted(values)[len(values) // 2])
+
+
+DATA_PARALLEL_STAGES = {"ppo": "time/episodes_per_s", "grpo": "time/episodes_per_s"}
+
+
+def benchmark_data_parallel(overrides: list[str], steps: int, repeats: int) -> None:
+    """PPO's and GRPO's episodes/s in one process against two (torchrun, gloo) on this
+    machine's cores, as `phf` runs them: one process with every core's thread, or each of the
+    processes with its share of the cores (interleaved, ``repeats`` pairs; the median of the
+    steps' rates after the first)."""
+    cores = os.cpu_count() or 1
+    launchers = {
+        1: ([sys.executable], cores),
+        2: (
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"],
+            max(1, cores // 2),
+        ),
+    }
+    for objective, metric in DATA_PARALLEL_STAGES.items():
+        rates: dict[int, list[float]] = {1: [], 2: []}
+        for _ in range(repeats):
+            for processes, (launcher, threads) in launchers.items():
+                with tempfile.TemporaryDirectory() as tmp:
+                    command = [
+                        *launcher,
+                        "-m",
+                        "phf.run",
+                        f"objective={objective}",
+                        f"hardware.num_threads={threads}",
+                        f"train.max_steps={steps + 1}",
+                        "train.log_steps=1",
+                        f"train.eval_steps={steps + 100}",
+                        f"train.save_steps={steps + 100}",
+                        "eval.generation.num_samples=25",
+                        "eval.kl_samples=8",
+                        "tracking.log_model=false",
+                        *overrides,
+                        f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+                        f"hydra.run.dir={tmp}/run",
+                    ]
+                    subprocess.run(command, cwd=tmp, check=True, capture_output=True)
+                    rates[processes].append(stage_rate(Path(tmp) / "mlflow.db", metric))
+        ratios = [b / a for a, b in zip(rates[1], rates[2], strict=True)]
+        print(
+            f"data parallel {objective}: 1 process {', '.join(f'{r:.1f}' for r in rates[1])}, "
+            f"2 processes {', '.join(f'{r:.1f}' for r in rates[2])} episodes/s: "
+            f"{', '.join(f'{r:.2f}x' for r in ratios)} ({steps} iterations each, {cores} cores)"
+        )
 
 
 # A job with almost no work of its own, so that a sweep's time is mostly launching.

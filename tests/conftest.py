@@ -68,6 +68,21 @@ def offline_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPa
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
+@pytest.fixture(scope="session")
+def mle_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run's MLE model, trained once per test session: the starting policy of the
+    finetuning and online stages' tests."""
+    from phf.config import compose_config
+    from phf.run import execute
+
+    directory = tmp_path_factory.mktemp("mle")
+    cfg = compose_config(
+        [*TINY_RUN, f"tracking.uri=sqlite:///{directory / 'mlflow.db'}", "tracking.log_model=false"]
+    )
+    execute(cfg, directory / "out", [])
+    return directory / "out" / "model"
+
+
 @pytest.fixture
 def compose_cfg() -> Callable[..., DictConfig]:
     """Compose conf/config.yaml with overrides, exactly as `python -m phf.run` would."""

@@ -221,21 +221,21 @@ def test_a_sweep_configuration_label_is_a_valid_mlflow_metric_prefix() -> None:
     _validate_metric_name(f"{label}/eval/accuracy")  # raises on an invalid name
 
 
-def test_a_sweep_reference_matches_what_it_resolved_to_in_the_checkpoint(compose_cfg) -> None:
-    """A sweep run again: its jobs' checkpoints hold the resolved references (runs:/<id>/model,
-    or null for the run's own objective), its config the sweep:<objective> it wrote."""
+def test_resume_compares_resolved_references_as_they_are(compose_cfg) -> None:
+    """phf.run resolves sweep:<objective> before it compares a checkpoint's config with the
+    run's (and before the run opens): a reference resolved to the same run matches, another
+    run or null does not, and nothing excuses an unresolved one."""
     from omegaconf import OmegaConf
 
     from phf.config import resume_differences
 
-    now = compose_cfg(["objective=mle", "eval.kl_reference=sweep:mle"])
-    own = OmegaConf.merge(now, {"eval": {"kl_reference": None}})
-    assert resume_differences(own, now) == []
-    other = compose_cfg(["objective=unlikelihood", "eval.kl_reference=sweep:mle"])
-    resolved = OmegaConf.merge(other, {"eval": {"kl_reference": "runs:/abc/model"}})
-    assert resume_differences(resolved, other) == []
-    # null is the resolution of the run's own objective only.
-    unresolved = OmegaConf.merge(other, {"eval": {"kl_reference": None}})
-    assert resume_differences(unresolved, other) == [
-        "eval.kl_reference: None in the checkpoint, 'sweep:mle' now"
+    now = compose_cfg(["objective=unlikelihood", "eval.kl_reference=runs:/abc/model"])
+    assert resume_differences(now, now) == []
+    other = OmegaConf.merge(now, {"eval": {"kl_reference": "runs:/xyz/model"}})
+    assert resume_differences(other, now) == [
+        "eval.kl_reference: 'runs:/xyz/model' in the checkpoint, 'runs:/abc/model' now"
+    ]
+    unresolved = OmegaConf.merge(now, {"eval": {"kl_reference": "sweep:mle"}})
+    assert resume_differences(now, unresolved) == [
+        "eval.kl_reference: 'runs:/abc/model' in the checkpoint, 'sweep:mle' now"
     ]

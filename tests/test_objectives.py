@@ -92,8 +92,18 @@ def build_objective_cfg(name: str, **overrides):
 
 
 def test_filtering_and_conditional_train_with_the_mle_loss() -> None:
+    """Their loss is the mean next-token NLL whatever the scores (they change the data)."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    ids = torch.randint(0, 11, (2, 5))
+    nll = -torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).mean()
     for name in ("mle", "filtering", "conditional"):
-        assert isinstance(build_objective_cfg(name), MLE)
+        objective = build_objective_cfg(name)
+        assert isinstance(objective, MLE) and not objective.needs_values
+        for scores in (torch.zeros(2, 5), torch.ones(2, 5)):
+            loss, metrics = objective.loss(logits, ids, scores)
+            torch.testing.assert_close(loss, nll)
+            torch.testing.assert_close(metrics["train/lm_loss"], nll)
 
 
 @pytest.fixture(scope="module")

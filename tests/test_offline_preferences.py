@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -19,12 +18,13 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from phf.data.corpus import iter_documents
-from phf.data.examples import Example, encode_example, padded
+from phf.data.examples import Example, encode_example, example_batch
 from phf.data.preferences import Comparison, as_pairs, builtin_comparisons, load_comparisons
-from phf.losses.preference import chosen_nll, preference_loss, preference_metrics, response_logprobs
 from phf.hardware import Placement
 from phf.lora import base_weights, merged, trainable, with_lora
+from phf.losses.preference import chosen_nll, dpo_loss, dpo_metrics
 from phf.run import execute
+from phf.sequences import continuation_logprobs
 from phf.stages.sft import response_nll
 from phf.tokenizer import load_tokenizer
 from tests.conftest import TINY_RUN, multirun_command
@@ -45,23 +45,23 @@ H = [(-1.0 + 1.5) - (-2.0 + 1.5), (-3.0 + 2.0) - (-1.0 + 1.5)]  # [1.0, -1.5]
 
 
 def test_dpo_loss_by_hand() -> None:
-    losses = preference_loss(PC, PR, RC, RR, beta=0.5)
+    losses = dpo_loss(PC, PR, RC, RR, beta=0.5)
     assert losses.tolist() == pytest.approx([-log_sigmoid(0.5 * h) for h in H])
 
 
 def test_conservative_dpo_mixes_in_the_flipped_label() -> None:
-    losses = preference_loss(PC, PR, RC, RR, beta=0.5, label_smoothing=0.1)
+    losses = dpo_loss(PC, PR, RC, RR, beta=0.5, label_smoothing=0.1)
     expected = [-0.9 * log_sigmoid(0.5 * h) - 0.1 * log_sigmoid(-0.5 * h) for h in H]
     assert losses.tolist() == pytest.approx(expected)
 
 
 def test_ipo_and_hinge_losses_by_hand() -> None:
-    ipo = preference_loss(PC, PR, RC, RR, beta=0.5, loss_type="ipo")
+    ipo = dpo_loss(PC, PR, RC, RR, beta=0.5, loss_type="ipo")
     assert ipo.tolist() == pytest.approx([(h - 1.0) ** 2 for h in H])  # 1 / (2 beta) = 1
-    hinge = preference_loss(PC, PR, RC, RR, beta=0.5, loss_type="hinge")
+    hinge = dpo_loss(PC, PR, RC, RR, beta=0.5, loss_type="hinge")
     assert hinge.tolist() == pytest.approx([max(0.0, 1 - 0.5 * h) for h in H])
     with pytest.raises(ValueError, match="sigmoid, ipo, hinge"):
-        preference_loss(PC, PR, RC, RR, beta=0.5, loss_type="kto")
+        dpo_loss(PC, PR, RC, RR, beta=0.5, loss_type="kto")
 
 
 def test_rpos_term_is_the_chosen_nll_per_token() -> None:
@@ -71,7 +71,7 @@ def test_rpos_term_is_the_chosen_nll_per_token() -> None:
 
 
 def test_trl_metrics_by_hand() -> None:
-    metrics = {k: float(v) / 2 for k, v in preference_metrics(PC, PR, RC, RR, beta=0.5).items()}
+    metrics = {k: float(v) / 2 for k, v in dpo_metrics(PC, PR, RC, RR, beta=0.5).items()}
     chosen = [0.5 * (-1.0 + 1.5), 0.5 * (-3.0 + 2.0)]  # [0.25, -0.5]
     rejected = [0.5 * (-2.0 + 1.5), 0.5 * (-1.0 + 1.5)]  # [-0.25, 0.25]
     assert metrics["rewards/chosen"] == pytest.approx(sum(chosen) / 2)
@@ -119,12 +119,8 @@ def test_response_logprobs_sum_the_response_only_under_either_padding(tiny_lm, t
             by_hand.append(float(token_logp[example.response_start - 1 :].sum()))
         results = []
         for left in (False, True):
-            input_ids, attention, response = padded(
-                examples, tokenizer.pad_token_id, CPU.device, left=left
-            )
-            results.append(
-                response_logprobs(forward(tiny_lm, input_ids, attention), input_ids, response)
-            )
+            batch = example_batch(examples, tokenizer.pad_token_id, CPU.device, left=left)
+            results.append(continuation_logprobs(tiny_lm, batch, CPU))
     assert results[0].tolist() == pytest.approx(by_hand, abs=1e-4)
     assert results[1].tolist() == pytest.approx(by_hand, abs=1e-4)
 
@@ -226,18 +222,6 @@ TINY_SFT = ["objective=sft", "train.batch_size=4", "train.max_steps=3", "sft.max
 TINY_DPO = ["objective=dpo", "train.batch_size=4", "train.max_steps=3", "dpo.max_length=48"]
 
 
-@pytest.fixture(scope="module")
-def mle_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from phf.config import compose_config
-
-    directory = tmp_path_factory.mktemp("mle")
-    cfg = compose_config(
-        [*TINY_RUN, f"tracking.uri=sqlite:///{directory / 'mlflow.db'}", "tracking.log_model=false"]
-    )
-    execute(cfg, directory / "out", [])
-    return directory / "out" / "model"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 def test_sft_and_dpo_train_from_a_model_and_log_trls_metrics(
@@ -309,48 +293,6 @@ def test_the_sft_dpo_pipeline_chains_through_mlflow(run_dir: Path, tracking_uri:
     assert runs.loc["dpo", "tags.phf.lineage.dpo.policy"] == sft
     assert runs.loc["dpo", "tags.phf.lineage.eval.kl_reference"] == mle
     assert f"runs/{sft}" in runs.loc["dpo", "tags.mlflow.note.content"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_two_processes_train_sft_and_dpo_like_one(
-    run_dir: Path, mle_model: Path, stage: str
-) -> None:
-    overrides = [
-        *TINY_RUN,
-        "hardware.num_threads=1",
-        *(TINY_SFT if stage == "sft" else TINY_DPO),
-        "train.eval_steps=100",
-        f"model.pretrained={mle_model}",
-        "eval.kl_samples=8",
-    ]
-    launchers = {
-        "ddp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"],
-        "single": [sys.executable],
-    }
-    for name, launcher in launchers.items():
-        result = subprocess.run(
-            [
-                *launcher,
-                "-m",
-                "phf.run",
-                *overrides,
-                f"tracking.uri=sqlite:///{run_dir / name}.db",
-                f"hydra.run.dir={run_dir / name}",
-            ],
-            cwd=run_dir,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-    ddp = load_file(run_dir / "ddp" / "model" / "model.safetensors")
-    single = load_file(run_dir / "single" / "model" / "model.safetensors")
-    for key, value in single.items():
-        torch.testing.assert_close(ddp[key], value, atol=1e-5, rtol=1e-4)
-    mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'ddp'}.db")
-    runs = mlflow.search_runs(search_all_experiments=True)
-    assert len(runs) == 1 and runs.status.iloc[0] == "FINISHED"  # rank 0 records
 
 
 @pytest.mark.slow

@@ -17,12 +17,12 @@ from phf.data.corpus import DatasetError
 from phf.data.prompts import online_prompts, rows_prompts
 from phf.losses.group import (
     aggregate,
+    aggregation_weight,
     clipped_objective,
     group_advantages,
     group_std,
     k3_kl,
     leave_one_out_advantages,
-    piece_share,
 )
 from phf.run import execute
 from phf.tokenizer import load_tokenizer
@@ -108,12 +108,12 @@ def test_micro_batches_add_up_to_the_minibatchs_loss(loss_type: str) -> None:
     mask = (torch.rand(6, 5) > 0.3).float()
     mask[:, 0] = 1
     whole = aggregate(per_token, mask, loss_type, 5)
-    pieces = [slice(0, 2), slice(2, 6)]
-    total = sum(
-        aggregate(per_token[p], mask[p], loss_type, 5) * piece_share(loss_type, mask[p], mask)
-        for p in pieces
-    )
-    assert float(total) == pytest.approx(float(whole))
+    for pieces in ([slice(0, 2), slice(2, 6)], [slice(0, 1), slice(1, 4), slice(4, 6)]):
+        total = sum(
+            aggregate(per_token[p], mask[p], loss_type, 5) * aggregation_weight(loss_type, mask[p])
+            for p in pieces
+        )
+        assert float(total / aggregation_weight(loss_type, mask)) == pytest.approx(float(whole))
 
 
 # --- prompts ------------------------------------------------------------------------------------
@@ -213,18 +213,6 @@ TINY_GROUP = [
 
 def tiny(stage: str) -> list[str]:
     return [f"objective={stage}", *(o.format(stage=stage) for o in TINY_GROUP)]
-
-
-@pytest.fixture(scope="module")
-def mle_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from phf.config import compose_config
-
-    directory = tmp_path_factory.mktemp("mle")
-    cfg = compose_config(
-        [*TINY_RUN, f"tracking.uri=sqlite:///{directory / 'mlflow.db'}", "tracking.log_model=false"]
-    )
-    execute(cfg, directory / "out", [])
-    return directory / "out" / "model"
 
 
 @pytest.mark.slow

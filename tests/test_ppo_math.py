@@ -10,7 +10,6 @@ import statistics
 import pytest
 import torch
 
-from phf.models import last_token_index
 from phf.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -23,6 +22,7 @@ from phf.losses.ppo import (
     token_rewards,
     value_loss,
 )
+from phf.models import last_token_index
 
 GARBAGE = 99.0  # on padding: must never reach a result
 
@@ -268,11 +268,17 @@ def test_entropy_of_a_certain_outcome_is_zero() -> None:
 # --- KL controllers --------------------------------------------------------------------
 
 
-def test_fixed_kl_controller_never_moves() -> None:
-    controller = FixedKLController(0.05)
-    controller.update(100.0, 64)
-    controller.update(0.0, 64)
-    assert controller.value == 0.05
+def test_fixed_kl_controller_never_moves_where_the_adaptive_one_would() -> None:
+    """Fed the KL that moves the adaptive controller both ways, the fixed one stays put."""
+    fixed = FixedKLController(0.05)
+    adaptive = AdaptiveKLController(value=0.05, target=6.0, horizon=64)
+    values = []
+    for kl in (100.0, 0.0):
+        fixed.update(kl, 64)
+        adaptive.update(kl, 64)
+        values.append(adaptive.value)
+        assert fixed.value == 0.05
+    assert values[0] == pytest.approx(0.05 * 1.2) and values[1] == pytest.approx(0.05 * 1.2 * 0.8)
 
 
 def test_adaptive_kl_controller_above_target_is_clipped_at_plus_02() -> None:

@@ -24,6 +24,7 @@ from transformers import (
 from phf.config import Overlong
 from phf.data.preferences import Comparison
 from phf.hardware import Placement
+from phf.losses.preference import comparison_loss, comparison_metrics
 from phf.models import position_ids
 from phf.reward_model import (
     REWARD_CONFIG_KEY,
@@ -34,11 +35,9 @@ from phf.reward_model import (
     distinct_pad_token,
     encode_comparisons,
     fit,
-    preference_loss,
-    preference_metrics,
-    right_padded,
     score_texts,
 )
+from phf.sequences import build_batch
 from phf.tokenizer import load_tokenizer
 from tests.conftest import tiny_encoder
 
@@ -59,7 +58,7 @@ def test_pairwise_loss_by_hand_with_best_index_one_and_margins() -> None:
     valid = torch.ones(3, 2, dtype=torch.bool)
     best = torch.tensor([0, 1, 0])
     margins = torch.tensor([0.0, 0.3, 0.0])
-    loss = preference_loss(rewards, valid, best, margins)
+    loss = comparison_loss(rewards, valid, best, margins)
     expected = (
         neg_log_sigmoid(1.0 - 0.5 - 0.0)
         + neg_log_sigmoid(0.9 - 0.2 - 0.3)  # best is index 1: chosen 0.9, rejected 0.2
@@ -70,7 +69,7 @@ def test_pairwise_loss_by_hand_with_best_index_one_and_margins() -> None:
 
 def test_pairwise_loss_without_margins_is_two_way_cross_entropy() -> None:
     rewards = torch.tensor([[1.0, 0.5], [0.2, 0.9]])
-    loss = preference_loss(
+    loss = comparison_loss(
         rewards, torch.ones(2, 2, dtype=torch.bool), torch.tensor([0, 1]), torch.zeros(2)
     )
     # -log softmax(r)[best] by hand.
@@ -83,7 +82,7 @@ def test_n_way_loss_by_hand_with_ragged_valid_mask() -> None:
     rewards = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 100.0]])  # 100: not a real response
     valid = torch.tensor([[True, True, True], [True, True, False]])
     best = torch.tensor([2, 0])
-    loss = preference_loss(rewards, valid, best, torch.zeros(2))
+    loss = comparison_loss(rewards, valid, best, torch.zeros(2))
     row0 = -(3.0 - math.log(math.exp(1.0) + math.exp(2.0) + math.exp(3.0)))
     row1 = -(0.5 - math.log(math.exp(0.5) + math.exp(-1.0)))
     assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
@@ -92,7 +91,7 @@ def test_n_way_loss_by_hand_with_ragged_valid_mask() -> None:
 def test_n_way_loss_gradient_is_finite_with_invalid_entries() -> None:
     rewards = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 0.0]], requires_grad=True)
     valid = torch.tensor([[True, True, True], [True, True, False]])
-    preference_loss(rewards, valid, torch.tensor([2, 0]), torch.zeros(2)).backward()
+    comparison_loss(rewards, valid, torch.tensor([2, 0]), torch.zeros(2)).backward()
     assert torch.isfinite(rewards.grad).all()
     assert rewards.grad[1, 2].item() == 0.0
 
@@ -103,14 +102,14 @@ def test_center_coef_adds_squared_sums_of_real_rewards() -> None:
     valid = torch.ones(2, 2, dtype=torch.bool)
     best, margins = torch.tensor([0, 0]), torch.zeros(2)
     base = (neg_log_sigmoid(0.5) + neg_log_sigmoid(-0.7)) / 2
-    loss = preference_loss(rewards, valid, best, margins, center_coef=0.01)
+    loss = comparison_loss(rewards, valid, best, margins, center_coef=0.01)
     assert loss.item() == pytest.approx(base + 0.01 * (1.5**2 + 1.1**2) / 2, rel=1e-6)
     # N-way with a padded entry: the pad's value is not part of its row's sum.
     rewards = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 100.0]])
     valid = torch.tensor([[True, True, True], [True, True, False]])
     best = torch.tensor([2, 0])
-    base = preference_loss(rewards, valid, best, torch.zeros(2)).item()
-    loss = preference_loss(rewards, valid, best, torch.zeros(2), center_coef=0.1)
+    base = comparison_loss(rewards, valid, best, torch.zeros(2)).item()
+    loss = comparison_loss(rewards, valid, best, torch.zeros(2), center_coef=0.1)
     assert loss.item() == pytest.approx(base + 0.1 * (6.0**2 + (-0.5) ** 2) / 2, rel=1e-6)
 
 
@@ -121,7 +120,7 @@ def test_metrics_on_pairs_ties_are_wrong() -> None:
     rewards = torch.tensor([[1.0, 0.5], [0.3, 0.3], [0.2, 0.9], [0.1, 0.4]])
     valid = torch.ones(4, 2, dtype=torch.bool)
     best = torch.tensor([0, 0, 0, 1])
-    metrics = preference_metrics(rewards, valid, best)
+    metrics = comparison_metrics(rewards, valid, best)
     # right, tie (wrong), wrong, right
     assert metrics["accuracy"].item() == pytest.approx(2 / 4)
     assert metrics["margin"].item() == pytest.approx((0.5 + 0.0 - 0.7 + 0.3) / 4)
@@ -134,7 +133,7 @@ def test_metrics_on_ragged_n_way_rows() -> None:
     rewards = torch.tensor([[2.0, 1.0, 0.5], [1.0, 0.0, 50.0], [1.0, 1.0, 0.0]])
     valid = torch.tensor([[True, True, True], [True, True, False], [True, True, True]])
     best = torch.tensor([0, 1, 0])
-    metrics = preference_metrics(rewards, valid, best)
+    metrics = comparison_metrics(rewards, valid, best)
     # row 0: 2 beats 1 and 0.5, margin 2 - 0.75 = 1.25
     # row 1: 0 loses to 1 (50 is no response), margin 0 - 1 = -1
     # row 2: 1 ties 1: wrong, margin 1 - 0.5 = 0.5
@@ -146,7 +145,7 @@ def test_metrics_on_ragged_n_way_rows() -> None:
 
 
 def test_metrics_of_a_single_reward_have_zero_std() -> None:
-    metrics = preference_metrics(
+    metrics = comparison_metrics(
         torch.tensor([[1.0, 0.0]]), torch.tensor([[True, False]]), torch.tensor([0])
     )
     assert metrics["reward_mean"].item() == 1.0
@@ -248,10 +247,16 @@ def test_encode_comparisons_drop_and_truncate(tokenizer) -> None:
     assert Overlong.drop == "drop"  # the config's enum works where a string is compared
 
 
-def test_right_padded(tokenizer) -> None:
-    input_ids, mask = right_padded([[0, 5, 6, 0], [0, 7]], pad_id=3, device=torch.device("cpu"))
-    assert input_ids.tolist() == [[0, 5, 6, 0], [0, 7, 3, 3]]
-    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+def test_build_batch_pads_on_either_side_and_marks_what_counts(tokenizer) -> None:
+    right = build_batch([[0, 5, 6, 0], [0, 7]], pad_id=3, counted_from=[2, 1])
+    assert right.input_ids.tolist() == [[0, 5, 6, 0], [0, 7, 3, 3]]
+    assert right.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert right.counted.tolist() == [[0, 0, 1, 1], [0, 1, 0, 0]]
+    assert right.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 1, 1]]
+    left = build_batch([[0, 5, 6, 0], [0, 7]], pad_id=3, left=True, counted_from=[2, 1])
+    assert left.input_ids.tolist() == [[0, 5, 6, 0], [3, 3, 0, 7]]
+    assert left.counted.tolist() == [[0, 0, 1, 1], [0, 0, 0, 1]]
+    assert left.position_ids.tolist() == [[0, 1, 2, 3], [0, 0, 0, 1]]
 
 
 # --- the model ----------------------------------------------------------------------------

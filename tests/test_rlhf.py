@@ -20,10 +20,14 @@ from transformers import (
 )
 
 from phf.data.corpus import DatasetError
-from phf.reward_model import REWARD_CONFIG_KEY, RewardModel
+from phf.hardware import Placement
+from phf.reward_model import REWARD_CONFIG_KEY, RewardModel, score_texts
 from phf.run import execute
+from phf.tokenizer import load_tokenizer
 from phf.tracking import download_model
 from tests.conftest import TINY_RUN, multirun_command
+
+CPU = Placement(torch.device("cpu"), torch.float32)
 
 # PPO in seconds: two rollouts of 8 short responses, one evaluation after each.
 TINY_PPO = [
@@ -251,7 +255,24 @@ def test_ppo_against_a_reward_model_with_another_tokenizer(
     execute(ppo_cfg, run_dir / "out", [])
     run = runs_by_objective(tracking_uri)["ppo"]
     assert run.status == "FINISHED"
-    assert torch.isfinite(torch.tensor(run["metrics.objective/scores"]))
+    # The policy's text, handed over as text, re-tokenized by the reward model's own
+    # tokenizer: the rewards PPO trained on are that model's on those tokens.
+    policy_tokenizer = load_tokenizer(str(run_dir / "out" / "model"))
+    reward_model, loaded = RewardModel.load(str(directory))
+    table = mlflow.artifacts.load_dict(f"runs:/{run.run_id}/rollouts/episodes_0000000016.json")
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    expected = score_texts(
+        reward_model, loaded, [r["prompt"] for r in rows], [r["response"] for r in rows], 8, CPU
+    )
+    assert len(set(expected.tolist())) > 1  # the reward model tells the responses apart
+    assert policy_tokenizer.get_vocab() != loaded.get_vocab()
+    scores = torch.tensor([r["score"] for r in rows])
+    # The table holds the normalised reward: an affine map of the raw one, the same for all.
+    fit = torch.linalg.lstsq(
+        torch.stack([expected, torch.ones_like(expected)], dim=1), scores[:, None]
+    ).solution.squeeze(1)
+    torch.testing.assert_close(fit[0] * expected + fit[1], scores, atol=1e-3, rtol=1e-3)
+    assert float(fit[0]) > 0
 
 
 @pytest.mark.slow
@@ -296,7 +317,8 @@ def test_the_pipeline_chains_pretraining_reward_and_ppo_through_mlflow(
     assert runs["ppo"]["tags.phf.lineage.model.pretrained"] == mle
     assert runs["ppo"]["tags.phf.lineage.ppo.reward_model"] == reward
     assert f"runs/{reward}" in runs["ppo"]["tags.mlflow.note.content"]
-    assert runs["ppo"]["params.ppo.reward_model"] == "sweep:reward"  # as the user wrote it
+    # Resolved before the run opened: its params are what it ran with.
+    assert runs["ppo"]["params.ppo.reward_model"] == f"runs:/{reward}/model"
     # The reward model was normalised on samples of the MLE policy it started from.
     config = json.loads((download_model(f"runs:/{reward}/model") / "config.json").read_text())
     assert config[REWARD_CONFIG_KEY]["normalized_on"] == f"samples of runs:/{mle}/model"

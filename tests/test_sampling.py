@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
 import phf.head_logprobs as head_module
+import phf.sequences as sequences
 import phf.stages.online as online
 from phf.hardware import Placement
 from phf.head_logprobs import head_logprobs, split_model
@@ -35,15 +36,15 @@ def prompts() -> tuple[torch.Tensor, torch.Tensor]:
 
 def plain_logprobs(model, query_ids, query_mask, response_ids, constraint):
     """forward_response with full logits (split_model off)."""
-    original = online.split_model
-    online.split_model = lambda model: None
+    original = sequences.split_model
+    sequences.split_model = lambda model: None
     try:
         mask = torch.ones_like(response_ids, dtype=torch.float32)
         return online.forward_response(
             model, None, query_ids, query_mask, response_ids, mask, constraint, CPU
         )
     finally:
-        online.split_model = original
+        sequences.split_model = original
 
 
 # --- drawing --------------------------------------------------------------------------------------
@@ -81,15 +82,39 @@ def test_sampled_log_probabilities_are_those_of_a_forward_pass_under_the_constra
     assert torch.allclose(sampled.logprobs, logprobs, atol=1e-5)
 
 
-def test_the_same_seed_samples_the_same_tokens() -> None:
+def test_the_same_seed_samples_the_same_tokens_and_another_seed_others() -> None:
     model = gpt2()
     query_ids, query_mask = prompts()
     constraint = SamplingConstraint(1.0)
     runs = []
-    for _ in range(2):
-        torch.manual_seed(3)
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
         runs.append(sample(model, query_ids, query_mask, 6, constraint, None, 0, CPU).tokens)
     assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_a_rows_tokens_depend_on_its_own_uniform_numbers_only() -> None:
+    """With the uniform numbers given, a row samples the same tokens whatever rows share its
+    batch: how N data-parallel processes sample one process's rollout."""
+    model = gpt2()
+    query_ids, query_mask = prompts()
+    constraint = SamplingConstraint(0.9)
+    uniforms = torch.rand(3, 6, generator=torch.Generator().manual_seed(7))
+    whole = sample(model, query_ids, query_mask, 6, constraint, None, 0, CPU, uniforms)
+    for rows in ([0], [1, 2], [2]):
+        ids, mask = query_ids[rows], query_mask[rows]
+        width = int(mask.sum(dim=1).max())  # as a process holding only these rows pads them
+        part = sample(
+            model, ids[:, -width:], mask[:, -width:], 6, constraint, None, 0, CPU, uniforms[rows]
+        )
+        assert torch.equal(part.tokens, whole.tokens[rows])
+        torch.testing.assert_close(part.logprobs, whole.logprobs[rows], atol=1e-5, rtol=1e-5)
+    other = torch.rand(3, 6, generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(
+        sample(model, query_ids, query_mask, 6, constraint, None, 0, CPU, other).tokens,
+        whole.tokens,
+    )
 
 
 def test_rows_are_padded_after_their_stop_token_and_sampling_ends_when_all_stopped() -> None:
@@ -133,7 +158,7 @@ def test_chunked_log_probabilities_and_gradients_equal_the_full_logits(
     for split in (True, False):
         model.zero_grad()
         if not split:
-            monkeypatch.setattr(online, "split_model", lambda model: None)
+            monkeypatch.setattr(sequences, "split_model", lambda model: None)
         mask = torch.ones(3, 7)
         logprobs, _, entropy = online.forward_response(
             model, None, query_ids, query_mask, response, mask, constraint, placement

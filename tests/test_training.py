@@ -11,6 +11,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from phf.data.corpus import DatasetError
@@ -110,15 +111,16 @@ def test_cli_two_step_run_trains_and_records_everything(
 
 
 @pytest.mark.slow
-def test_same_seed_same_numbers(run_dir: Path, compose_cfg) -> None:
+def test_same_seed_same_numbers_and_another_seed_others(run_dir: Path, compose_cfg) -> None:
     finals = []
-    for attempt in range(2):
+    for attempt, seed in enumerate((0, 0, 1)):
         uri = f"sqlite:///{run_dir / f'mlflow{attempt}.db'}"
-        cfg = compose_cfg([*TINY_RUN, f"tracking.uri={uri}"])
-        finals.append(execute(cfg, run_dir / f"out{attempt}", []))
+        cfg = compose_cfg([*TINY_RUN, f"tracking.uri={uri}", f"seed={seed}"])
+        headline = execute(cfg, run_dir / f"out{attempt}", [])
         run = only_run(uri)
-        finals.append((run["metrics.train/loss"], run["metrics.eval/lm_loss"]))
-    assert finals[0] == finals[2] and finals[1] == finals[3]
+        finals.append((headline, run["metrics.train/loss"], run["metrics.eval/lm_loss"]))
+    assert finals[0] == finals[1]
+    assert all(a != b for a, b in zip(finals[0][1:], finals[2][1:], strict=True))
 
 
 def test_missing_dataset_fails_the_run_with_a_clear_error(
@@ -261,6 +263,23 @@ def test_multirun_measures_kl_to_the_sweeps_mle_run(run_dir: Path, tracking_uri:
     assert set(runs["tags.mlflow.parentRunId"]) == set(parent.run_id)
     assert pd.isna(runs.loc["mle", "metrics.kl"])  # the reference itself: no KL
     assert not pd.isna(runs.loc["unlikelihood", "metrics.kl"])
+    # Resolved before the run opened: the logged config is the one the run ran and
+    # checkpointed, with the MLE run's model in it.
+    mle_model = f"runs:/{runs.loc['mle', 'run_id']}/model"
+    job = runs.loc["unlikelihood"]
+    assert job["params.eval.kl_reference"] == mle_model
+    logged = mlflow.artifacts.load_text(f"runs:/{job.run_id}/config.yaml")
+    job_dir = Path(job["tags.output_dir"])
+    saved = sorted((job_dir / "checkpoints").glob("step_*"))[-1] / "config.yaml"
+    assert OmegaConf.create(logged) == OmegaConf.load(saved)
+    assert OmegaConf.create(logged).eval.kl_reference == mle_model
+    # The same sweep run again finds both jobs finished: nothing trains, nothing is refused.
+    again = run_multirun(
+        run_dir, "objective=mle,unlikelihood", "eval.kl_reference=sweep:mle", "eval.kl_samples=8"
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    children = mlflow.search_runs(search_all_experiments=True)
+    assert (children["tags.sweep"] != "parent").sum() == 2
 
 
 @pytest.mark.slow

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # that a later run can start from runs:/<run id>/model whatever stage wrote it.
 MODEL_ARTIFACT = "model"
 
+
 def resolve_sweep_references(
     cfg: DictConfig,
     references: tuple[str, ...],

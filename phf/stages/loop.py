@@ -152,9 +152,7 @@ def run_stage(
     stage = stage_cls.build(cfg, placement, distributed)
     main = distributed.is_main
     if distributed.enabled:
-        log.info(
-            "data parallel over %d processes: %s", distributed.world_size, stage.data_parallel
-        )
+        log.info("data parallel over %d processes: %s", distributed.world_size, stage.data_parallel)
     if main:
         tracker.log_datasets(stage.datasets())
     last_metrics: dict[str, float] = {stage.headline: float("nan")}

@@ -248,11 +248,23 @@ class RewardStage:
             best, margins = batch_tensors(piece, reward.margin, rewards.device)
             loss = comparison_loss(rewards, valid, best, margins, reward.center_rewards_coef)
             metrics = comparison_metrics(rewards.detach(), valid, best)
-            # Both are means over the piece's comparisons: as sums, pieces of any size add up.
-            return loss * len(piece), {k: v * len(piece) for k, v in metrics.items()}
+            real = rewards.detach()[valid]
+            # Means over the piece's comparisons, as sums: pieces of any size add up. The
+            # rewards' spread from their sums and squares, which add up too.
+            spread = ("reward_mean", "reward_std")
+            sums = {k: v * len(piece) for k, v in metrics.items() if k not in spread}
+            sums["rewards"] = real.new_tensor(float(real.numel()))
+            sums["rewards_sum"] = real.sum()
+            sums["rewards_squared"] = real.square().sum()
+            return loss * len(piece), sums
 
         sums = self.optimization.accumulate(self.network, pieces, piece_loss, len(batch))
+        count, total = sums.pop("rewards"), sums.pop("rewards_sum")
+        squares = sums.pop("rewards_squared")
+        variance = (squares - total**2 / count) / max(count - 1, 1)
         metrics = {f"train/{name}": value / len(batch) for name, value in sums.items()}
+        metrics["train/reward_mean"] = total / count
+        metrics["train/reward_std"] = math.sqrt(max(variance, 0.0))
         update = self.optimization.step(
             metrics["train/loss"],
             f"step {self.steps_done + 1}",
