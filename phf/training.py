@@ -185,10 +185,6 @@ class Optimization:
             metrics["train/loss_scale"] = self.scaler.get_scale()
         return metrics
 
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
-
     def state(self) -> dict[str, Any]:
         return {
             "optimizer": self.optimizer.state_dict(),

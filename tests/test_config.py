@@ -239,3 +239,18 @@ def test_resume_compares_resolved_references_as_they_are(compose_cfg) -> None:
     assert resume_differences(now, unresolved) == [
         "eval.kl_reference: 'runs:/abc/model' in the checkpoint, 'sweep:mle' now"
     ]
+
+
+def test_every_stage_describes_itself_and_each_stage_value_has_one() -> None:
+    """run.STAGES is the one table of stages: each class names its stage, title, config
+    section and model references, and every value of objective.stage reaches one."""
+    from phf.config import PhfConfig
+    from phf.config import Stage as StageName
+    from phf.run import STAGE_SECTIONS, STAGES
+
+    assert set(STAGES) == {s.value for s in StageName}
+    for name, stage in STAGES.items():
+        assert stage.name == name and stage.title and stage.data_parallel
+        assert "model.pretrained" in stage.model_references
+        assert stage.section is None or stage.section in PhfConfig.__dataclass_fields__
+    assert set(STAGE_SECTIONS) == {"reward", "ppo", "sft", "dpo", "grpo", "rloo"}

@@ -314,3 +314,41 @@ def publish_policy(
     publish_model(
         lambda d: save_pretrained(d, plain, tokenizer, cfg), directory, cfg, tracker, task
     )
+
+
+class ExampleStage:
+    """The state, checkpoint files and publication that the stages training on a fixed set of
+    examples in seeded epochs share (SFT, DPO, reward): the step and progress, the epoch
+    shuffle and the optimization core's state; the trained model (``trained``: the policy, or
+    a reward model's classifier) as a checkpoint's files and as the published model."""
+
+    cfg: DictConfig
+    tokenizer: PreTrainedTokenizerBase
+    shuffle: EpochShuffle
+    optimization: Any  # phf.training.Optimization
+    steps_done: int
+    progress: int
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        return self.model  # type: ignore[attr-defined]
+
+    def training_state(self) -> dict[str, Any]:
+        return {
+            "step": self.steps_done,
+            "progress": self.progress,
+            "shuffle": self.shuffle.state(),
+        } | self.optimization.state()
+
+    def restore(self, directory: Path, state: dict[str, Any]) -> None:
+        restore_policy(self.trained, directory)
+        self.optimization.load_state(state)
+        self.shuffle.load_state(state["shuffle"])
+        self.steps_done, self.progress = state["step"], state["progress"]
+
+    def save(self, directory: Path) -> None:
+        """A checkpoint: the model (or its LoRA adapters and heads), tokenizer and config."""
+        save_policy(directory, self.trained, self.tokenizer, self.cfg)
+
+    def publish(self, directory: Path, tracker: Tracker) -> None:
+        publish_policy(directory, self.trained, self.tokenizer, self.cfg, tracker)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,18 +35,15 @@ from phf.models import load_model_and_tokenizer, resolve_source
 from phf.sequences import batched_continuation_logprobs, continuation_logprobs
 from phf.stages.common import (
     EpochShuffle,
+    ExampleStage,
     build_evaluator,
     kl_from_start,
     process_share,
-    publish_policy,
-    restore_policy,
-    save_policy,
     scenario_tables,
 )
 from phf.stages.loop import Tables
 from phf.stages.sft import example_datasets
 from phf.tokenizer import load_tokenizer
-from phf.tracking import Tracker
 from phf.training import Optimization, check_divisible, training_network
 
 log = logging.getLogger(__name__)
@@ -82,7 +78,7 @@ def logprobs_of(
     return batched_continuation_logprobs(model, rows, starts, pad_id, batch, placement)
 
 
-class DPOStage:
+class DPOStage(ExampleStage):
     """A policy, its reference's cached log-probabilities and the pairs (module docstring)."""
 
     name = "dpo"
@@ -271,25 +267,6 @@ class DPOStage:
             f"eval/rewards/accuracies {metrics['eval/rewards/accuracies']:.3f}, score "
             f"{metrics['score']:.4f}, kl {metrics.get('kl', float('nan')):.3f}"
         )
-
-    def training_state(self) -> dict[str, Any]:
-        return {
-            "step": self.steps_done,
-            "progress": self.progress,
-            "shuffle": self.shuffle.state(),
-        } | self.optimization.state()
-
-    def restore(self, directory: Path, state: dict[str, Any]) -> None:
-        restore_policy(self.model, directory)
-        self.optimization.load_state(state)
-        self.shuffle.load_state(state["shuffle"])
-        self.steps_done, self.progress = state["step"], state["progress"]
-
-    def save(self, directory: Path) -> None:
-        save_policy(directory, self.model, self.tokenizer, self.cfg)
-
-    def publish(self, directory: Path, tracker: Tracker) -> None:
-        publish_policy(directory, self.model, self.tokenizer, self.cfg, tracker)
 
     def datasets(self) -> list[dict[str, Any]]:
         return example_datasets(self.cfg, self.cfg.dpo, self.train_pairs, self.test_pairs)

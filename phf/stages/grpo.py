@@ -34,7 +34,6 @@ import abc
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -253,17 +252,9 @@ class GroupStage(OnlineStage, abc.ABC):
                 "reward_std": float(group_std(scores, self.group)),
                 "completions/mean_length": float(lengths.mean()),
                 "completions/clipped_ratio": float((~generated.found_stop).float().mean()),
-                "train/lr": self.optimization.lr,
                 "time/generation_share": generated.seconds / seconds,
             }
         )
-
-    def training_state(self) -> dict[str, Any]:
-        return self.common_state() | self.optimization.state()
-
-    def restore(self, directory: Path, state: dict[str, Any]) -> None:
-        self.restore_common(directory, state)
-        self.optimization.load_state(state)
 
 
 class GRPOStage(GroupStage):

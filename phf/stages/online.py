@@ -319,7 +319,7 @@ class OnlineStage:
     """The part of an online RL stage that PPO, GRPO and RLOO share (module docstring).
 
     Subclasses set ``name``, ``title`` and ``section`` (their config section), build their
-    optimization, and implement ``step`` and the rest of ``training_state``/``restore``.
+    ``optimization`` (phf/training.py) and implement ``step``.
 
     Under data parallelism every process draws the same global prompts and samples its share
     of them, each response drawn with uniform numbers from a generator seeded by the run's seed
@@ -518,7 +518,7 @@ class OnlineStage:
             f"kl {metrics.get('kl', float('nan')):.3f}"
         )
 
-    def common_state(self) -> dict[str, Any]:
+    def training_state(self) -> dict[str, Any]:
         return {
             "step": self.steps_done,
             "progress": self.progress,
@@ -526,12 +526,13 @@ class OnlineStage:
             "reward": self.reward.state(),
             # The reference is rebuilt from it (the config, compared on resume, pins it).
             "reference": self.cfg.model.pretrained,
-        }
+        } | self.optimization.state()
 
-    def restore_common(self, directory: Path, state: dict[str, Any]) -> None:
+    def restore(self, directory: Path, state: dict[str, Any]) -> None:
         restore_policy(self.policy, directory)
         set_python_rng_state(state["rng"], self.rng)
         self.reward.load_state(state["reward"])
+        self.optimization.load_state(state)
         self.steps_done, self.progress = state["step"], state["progress"]
 
     def save(self, directory: Path) -> None:

@@ -223,19 +223,15 @@ class PPOStage(OnlineStage):
             "objective/kl_coef": kl_coef,
             "val/response_length": float(mask.sum(dim=1).mean()),
             "val/stop_fraction": float(generated.found_stop.float().mean()),
-            "train/lr": self.optimization.lr,
             "time/generation_share": generated.seconds / seconds,
         }
 
     def training_state(self) -> dict[str, Any]:
-        return (
-            self.common_state() | self.optimization.state() | {"kl_coef": self.kl_controller.value}
-        )
+        return super().training_state() | {"kl_coef": self.kl_controller.value}
 
     def restore(self, directory: Path, state: dict[str, Any]) -> None:
-        self.restore_common(directory, state)
+        super().restore(directory, state)
         load_head(self.value_head, directory / VALUE_HEAD_FILE)
-        self.optimization.load_state(state)
         self.kl_controller.value = float(state["kl_coef"])
 
     def save(self, directory: Path) -> None:

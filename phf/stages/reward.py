@@ -42,10 +42,9 @@ from phf.reward_model import (
 )
 from phf.stages.common import (
     EpochShuffle,
+    ExampleStage,
     process_share,
     publish_model,
-    restore_policy,
-    save_policy,
 )
 from phf.stages.loop import Tables
 from phf.tokenizer import load_tokenizer
@@ -138,7 +137,7 @@ def comparisons_digest(comparisons: Sequence[Comparison]) -> str:
 
 
 @dataclass
-class RewardStage:
+class RewardStage(ExampleStage):
     """A reward model, its comparisons and optimizer; ``step()`` is one optimizer step."""
 
     name = "reward"
@@ -286,22 +285,9 @@ class RewardStage:
             f"margin {metrics['eval/margin']:.3f}"
         )
 
-    def training_state(self) -> dict[str, Any]:
-        return {
-            "step": self.steps_done,
-            "progress": self.progress,
-            "shuffle": self.shuffle.state(),
-        } | self.optimization.state()
-
-    def restore(self, directory: Path, state: dict[str, Any]) -> None:
-        restore_policy(self.model.model, directory)
-        self.optimization.load_state(state)
-        self.shuffle.load_state(state["shuffle"])
-        self.steps_done, self.progress = state["step"], state["progress"]
-
-    def save(self, directory: Path) -> None:
-        """A checkpoint: the model (or its LoRA adapters and head), tokenizer and config."""
-        save_policy(directory, self.model.model, self.tokenizer, self.cfg)
+    @property
+    def trained(self) -> torch.nn.Module:
+        return self.model.model  # the classifier (or its LoRA adapters and score head)
 
     def publish(self, directory: Path, tracker: Tracker) -> None:
         """Normalise rewards on policy samples (gain and bias in the model's config), then save

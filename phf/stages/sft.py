@@ -29,16 +29,13 @@ from phf.models import load_model_and_tokenizer
 from phf.sequences import continuation_logprobs
 from phf.stages.common import (
     EpochShuffle,
+    ExampleStage,
     build_evaluator,
     kl_from_start,
     process_share,
-    publish_policy,
-    restore_policy,
-    save_policy,
     scenario_tables,
 )
 from phf.stages.loop import Tables
-from phf.tracking import Tracker
 from phf.training import Optimization, check_divisible, training_network
 
 log = logging.getLogger(__name__)
@@ -65,7 +62,7 @@ def response_nll(
     return -continuation_logprobs(model, batch, placement).sum(), batch.targets.sum()
 
 
-class SFTStage:
+class SFTStage(ExampleStage):
     """A model and its examples; ``step()`` is one optimizer step (the module docstring)."""
 
     name = "sft"
@@ -186,25 +183,6 @@ class SFTStage:
             f"score {metrics['score']:.4f}, eval/response_loss {metrics['eval/response_loss']:.4f}"
             f", kl {metrics.get('kl', float('nan')):.3f}"
         )
-
-    def training_state(self) -> dict[str, Any]:
-        return {
-            "step": self.steps_done,
-            "progress": self.progress,
-            "shuffle": self.shuffle.state(),
-        } | self.optimization.state()
-
-    def restore(self, directory: Path, state: dict[str, Any]) -> None:
-        restore_policy(self.model, directory)
-        self.optimization.load_state(state)
-        self.shuffle.load_state(state["shuffle"])
-        self.steps_done, self.progress = state["step"], state["progress"]
-
-    def save(self, directory: Path) -> None:
-        save_policy(directory, self.model, self.tokenizer, self.cfg)
-
-    def publish(self, directory: Path, tracker: Tracker) -> None:
-        publish_policy(directory, self.model, self.tokenizer, self.cfg, tracker)
 
     def datasets(self) -> list[dict[str, Any]]:
         return example_datasets(self.cfg, self.cfg.sft, self.train_examples, self.test_examples)
