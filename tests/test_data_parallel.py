@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import TINY_RUN
+from tests.test_rlhf import TINY_PPO
 
 pytestmark = pytest.mark.slow
 
@@ -36,19 +37,7 @@ STAGES = {
         False,
         "model.safetensors",
     ),
-    "ppo": (
-        [
-            "objective=ppo",
-            "ppo.rollout_batch_size=8",
-            "ppo.mini_batch_size=4",
-            "ppo.ppo_epochs=2",
-            "ppo.response_length=8",
-            "ppo.min_response_length=4",
-            "ppo.normalization_episodes=16",
-        ],
-        True,
-        "value_head.safetensors",
-    ),
+    "ppo": (TINY_PPO, True, "value_head.safetensors"),
     "grpo": (
         ["objective=grpo", *(o.format(stage="grpo") for o in GROUP), "grpo.num_iterations=2"],
         True,

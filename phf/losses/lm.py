@@ -8,8 +8,8 @@ objectives with ``needs_values``), position t estimating the reward of token t+1
 detached tensors (turning them into floats would force a GPU sync on every step); nothing here
 logs or touches the tracker.
 
-Filtering and conditional training change the data, not the loss (see phf/data/transforms.py):
-both train with the MLE loss.
+Filtering and conditional training change the data, not the loss (phf/data/blocks.py,
+``objective_blocks``): both train with the MLE loss.
 """
 
 from __future__ import annotations
