@@ -51,7 +51,6 @@ from phf.losses.group import (
     leave_one_out_advantages,
 )
 from phf.losses.ppo import masked_mean, masked_whiten
-from phf.stages.common import process_share
 from phf.stages.online import OnlineStage, ResponseForward, Responses, forward_response
 from phf.training import Optimization, check_divisible, training_network
 
@@ -217,25 +216,12 @@ class GroupStage(OnlineStage, abc.ABC):
             # Weighted, so that the micro-batches of every process add up to the minibatch's.
             return loss * weight, {name: value * weight for name, value in metrics.items()}
 
-        means: dict[str, Any] = {}
-        updates = 0
-        micro = self.cfg.hardware.micro_batch_size
-        for iteration in range(settings.num_iterations):
-            order = torch.randperm(
-                settings.rollout_batch_size, generator=self.generator("order", iteration)
-            )
-            for minibatch in order.split(self.mini_batch_size):
-                mine = torch.tensor(process_share(minibatch.tolist(), self.distributed))
-                total = float(aggregation_weight(loss_type, mask[minibatch]))
-                sums = self.optimization.accumulate(
-                    self.network, mine.split(micro), piece_loss, total
-                )
-                update = self.optimization.step(
-                    sums["loss"] / total, f"iteration {self.steps_done + 1}"
-                )
-                for name, value in ({k: v / total for k, v in sums.items()} | update).items():
-                    means[name] = means.get(name, 0.0) + value
-                updates += 1
+        means = self.update_on_rollout(
+            settings.num_iterations,
+            self.mini_batch_size,
+            piece_loss,
+            lambda minibatch: float(aggregation_weight(loss_type, mask[minibatch])),
+        )
 
         self.steps_done += 1
         self.progress += settings.rollout_batch_size
@@ -245,7 +231,7 @@ class GroupStage(OnlineStage, abc.ABC):
         if ref is not None:  # the sampling policy's KL from the reference, per episode
             extra["objective/kl"] = float(((sampling - ref) * mask).sum(dim=1).mean())
         return (
-            {name: value / updates for name, value in means.items()}
+            means
             | extra
             | {
                 "reward": float(scores.mean()),

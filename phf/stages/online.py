@@ -51,6 +51,7 @@ from phf.stages.common import (
 )
 from phf.stages.loop import Tables
 from phf.tracking import Tracker
+from phf.training import PieceLoss
 
 log = logging.getLogger(__name__)
 
@@ -461,6 +462,40 @@ class OnlineStage:
             uniforms[rows],
         )
         return mine, responses
+
+    def update_on_rollout(
+        self,
+        passes: int,
+        mini_batch_size: int,
+        piece_loss: PieceLoss,
+        weight: Callable[[torch.Tensor], float],
+        hint: str = "lower train.lr",
+    ) -> dict[str, Any]:
+        """``passes`` over the (gathered) rollout in seeded minibatch orders, one update per
+        minibatch: this process forwards and backwards its share of the minibatch's episodes in
+        micro-batches, ``piece_loss`` giving their loss and metric sums, divided by
+        ``weight(minibatch)`` (its tokens or sequences, over every process). Returns the means
+        over the updates of the metrics, ``loss``, ``train/grad_norm`` and ``train/lr``."""
+        sums: dict[str, Any] = {}
+        updates = 0
+        micro = self.cfg.hardware.micro_batch_size
+        episodes = self.settings.rollout_batch_size
+        for index in range(passes):
+            order = torch.randperm(episodes, generator=self.generator("order", index))
+            for minibatch in order.split(mini_batch_size):
+                mine = torch.tensor(process_share(minibatch.tolist(), self.distributed))
+                total = weight(minibatch)
+                piece_sums = self.optimization.accumulate(
+                    self.network, mine.split(micro), piece_loss, total
+                )
+                metrics = {name: value / total for name, value in piece_sums.items()}
+                update = self.optimization.step(
+                    metrics["loss"], f"iteration {self.steps_done + 1}", hint
+                )
+                for name, value in (metrics | update).items():
+                    sums[name] = sums.get(name, 0.0) + value
+                updates += 1
+        return {name: value / updates for name, value in sums.items()}
 
     def gather(self, value: torch.Tensor) -> torch.Tensor:
         """Every process's rows of a rollout quantity (module docstring of the class)."""

@@ -42,7 +42,6 @@ from phf.losses.ppo import (
     value_loss,
 )
 from phf.models import VALUE_HEAD_FILE, ValueHead
-from phf.stages.common import process_share
 from phf.stages.online import OnlineStage, ResponseForward, Responses, forward_response
 from phf.training import Optimization, check_divisible, training_network
 
@@ -184,26 +183,14 @@ class PPOStage(OnlineStage):
             loss = (pg_loss + ppo.vf_coef * vf_loss) * tokens
             return loss, {name: value.detach() * tokens for name, value in metrics.items()}
 
-        means: dict[str, Any] = {}
-        updates = 0
-        micro = self.cfg.hardware.micro_batch_size
-        for epoch in range(ppo.ppo_epochs):
-            order = torch.randperm(ppo.rollout_batch_size, generator=self.generator("order", epoch))
-            for minibatch in order.split(ppo.mini_batch_size):
-                mine = torch.tensor(process_share(minibatch.tolist(), self.distributed))
-                tokens = float(mask[minibatch].sum())
-                sums = self.optimization.accumulate(
-                    self.network, mine.split(micro), piece_loss, tokens
-                )
-                loss = sums.pop("loss") / tokens
-                update = self.optimization.step(
-                    loss,
-                    f"iteration {self.steps_done + 1}",
-                    "lower train.lr or ppo.cliprange",
-                )
-                for name, value in ({k: v / tokens for k, v in sums.items()} | update).items():
-                    means[name] = means.get(name, 0.0) + value
-                updates += 1
+        means = self.update_on_rollout(
+            ppo.ppo_epochs,
+            ppo.mini_batch_size,
+            piece_loss,
+            lambda minibatch: float(mask[minibatch].sum()),  # token means
+            "lower train.lr or ppo.cliprange",
+        )
+        del means["loss"]  # logged as its parts, loss/policy and loss/value
 
         self.steps_done += 1
         self.progress += ppo.rollout_batch_size
@@ -214,7 +201,7 @@ class PPOStage(OnlineStage):
         seconds = time.perf_counter() - start
         scores = rollout.scores
         non_score_reward = float((-kl_coef * kl_per_episode).mean())
-        return {name: value / updates for name, value in means.items()} | {
+        return means | {
             "objective/kl": mean_kl,
             "objective/entropy": float(rollout.entropy.sum(dim=1).mean()),
             "objective/scores": float(scores.mean()),
